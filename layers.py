@@ -76,7 +76,7 @@ def encode(x, codewords, scale):
     """
     x = x.flatten(2)  # B×C×N; a view also for channels_last input
     device = x.device.type
-    if torch.is_autocast_enabled(device):
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         with torch.autocast(device, enabled=False):
             out = _EncodingFunction.apply(x.float(), codewords.float(), scale.float())
         return out.to(torch.get_autocast_dtype(device))

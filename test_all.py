@@ -3,17 +3,22 @@
 Numerics are checked against direct formulas in float64, gradients with gradcheck, and
 distributed code in real multi-process gloo groups against single-process runs.
 """
+import json
 import os
+import pickle
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image, ImageOps
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import data
 import layers
 import syncbn
 
@@ -321,3 +326,577 @@ def test_convert_sync_batchnorm_keeps_weights_and_buffers():
     assert before.keys() == after.keys()
     for k in before:
         torch.testing.assert_close(after[k], before[k])
+
+
+# ----------------------------------------------------------------------------- data.py
+
+
+def write_jpeg(path, w, h, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    coarse = np.random.default_rng(seed).integers(0, 256, (3, 4, 3), np.uint8)
+    Image.fromarray(coarse).resize((w, h), Image.BICUBIC).save(path, quality=90)
+
+
+def write_png(path, label, palette=False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(label.astype(np.uint8))
+    if palette:  # VOC's SegmentationClass PNGs are palette images whose indices are the classes
+        image = image.convert('P')
+        image.putpalette([v for i in range(256) for v in (i, 255 - i, i // 2)])
+    image.save(path)
+
+
+def blocks(w, h, values):
+    """h×w label of vertical stripes cycling through `values`."""
+    return np.resize(np.repeat(np.asarray(values), 5), w)[None].repeat(h, 0)
+
+
+def make_ade(root, label_values=(0, 1, 75, 150), n=3):
+    for split in ('training', 'validation'):
+        for i in range(n):
+            write_jpeg(root / 'ADEChallengeData2016' / 'images' / split / f'ADE_{i}.jpg', 40, 30, i)
+            write_png(root / 'ADEChallengeData2016' / 'annotations' / split / f'ADE_{i}.png',
+                      blocks(40, 30, label_values))
+    return root
+
+
+def make_voc(root, year, label_dir, list_dir, list_name, ids, values, palette):
+    base = root / 'VOCdevkit' / year
+    for i in ids:
+        write_jpeg(base / 'JPEGImages' / f'{i}.jpg', 40, 30)
+        write_png(base / label_dir / f'{i}.png', blocks(40, 30, values), palette)
+    (base / 'ImageSets' / list_dir).mkdir(parents=True, exist_ok=True)
+    (base / 'ImageSets' / list_dir / f'{list_name}.txt').write_text('\n'.join(ids) + '\n')
+    return root
+
+
+def test_ade20k_labels_and_shapes(tmp_path):
+    make_ade(tmp_path)
+    for root in (tmp_path, tmp_path / 'ADEChallengeData2016'):  # the parent or the folder itself
+        dataset = data.get_dataset('ade20k', root, 'val')
+        assert len(dataset) == 3 and dataset.num_classes == 150 and len(dataset.palette) == 150
+        image, label = dataset[0]
+        assert image.dtype == torch.uint8 and image.shape == (3, 30, 40) and image.is_contiguous()
+        assert label.dtype == torch.int64
+        assert torch.equal(label, torch.from_numpy(blocks(40, 30, (-1, 0, 74, 149))))  # 0 → ignore, v → v−1
+    assert len(data.get_dataset('ade20k', tmp_path, 'train+val')) == 6
+
+
+def test_voc_aug_and_pcontext_labels(tmp_path):
+    make_voc(tmp_path, 'VOC2012', 'SegmentationClass', 'Segmentation', 'train', ['a', 'b'], (0, 20, 255), True)
+    make_voc(tmp_path, 'VOC2012', 'SegmentationClass', 'Segmentation', 'val', ['c'], (0, 20, 255), True)
+    voc = data.get_dataset('pascal_voc', tmp_path, 'train+val', mode='val')
+    assert len(voc) == 3 and voc.num_classes == 21 and voc.classes[0] == 'background'
+    assert torch.equal(voc[2][1], torch.from_numpy(blocks(40, 30, (0, 20, -1))))  # palette indices, 255 → ignore
+
+    make_voc(tmp_path, 'VOC2012', 'SegmentationClassAug', 'SegmentationAug', 'train_aug', ['a', 'b', 'c'],
+             (7, 255), False)
+    assert len(data.get_dataset('pascal_aug', tmp_path, 'train_aug')) == 3
+    aug_val = data.get_dataset('pascal_aug', tmp_path, 'val')  # VOC's val list, labels from SegmentationClassAug
+    assert len(aug_val) == 1 and torch.equal(aug_val[0][1], torch.from_numpy(blocks(40, 30, (7, -1))))
+
+    make_voc(tmp_path, 'VOC2010', 'SegmentationClassContext', 'SegmentationContext', 'val', ['d'], (0, 1, 59), False)
+    context = data.get_dataset('pcontext', tmp_path / 'VOCdevkit', 'val')
+    assert context.num_classes == 59
+    assert torch.equal(context[0][1], torch.from_numpy(blocks(40, 30, (-1, 0, 58))))  # background → ignore
+
+
+def test_item_modes(tmp_path):
+    make_ade(tmp_path)
+    for mode, shape in (('train', (24, 24)), ('center', (24, 24)), ('val', (30, 40))):
+        image, label = data.get_dataset('ade20k', tmp_path, 'train', crop_size=24, base_size=40, mode=mode)[1]
+        assert image.shape == (3, *shape) and image.dtype == torch.uint8 and image.is_contiguous()
+        assert label.shape == shape and label.dtype == torch.int64
+        assert label.min() >= -1 and label.max() <= 149
+    assert data.get_dataset('ade20k', tmp_path, 'val').mode == 'val'
+    assert data.get_dataset('ade20k', tmp_path, 'train').mode == 'train'
+
+
+def coordinate_image(w, h):
+    """R = x, G = y: every pixel says where it came from."""
+    x, y = np.meshgrid(np.arange(w), np.arange(h))
+    return Image.fromarray(np.stack([x, y, (x + y) % 256], -1).astype(np.uint8)), Image.fromarray(x.astype(np.uint8))
+
+
+def test_augment_is_an_exact_crop_at_scale_one():
+    image, label = coordinate_image(120, 90)
+    flips = set()
+    for seed in range(12):
+        out, out_label = data.augment_train(image, label, np.random.default_rng(seed), 64, 120,
+                                            scale_range=(1, 1), max_rotation=0)
+        assert out.size == out_label.size == (64, 64) and out.mode == 'RGB' and out_label.mode == 'L'
+        r, g = np.asarray(out)[0, 0, :2].astype(int)
+        flipped = np.asarray(out)[0, 1, 0] < r
+        source_image, source_label = (ImageOps.mirror(image), ImageOps.mirror(label)) if flipped else (image, label)
+        x1 = 119 - r if flipped else r  # column of the crop in the (mirrored) image
+        box = (x1, g, x1 + 64, g + 64)
+        assert np.array_equal(np.asarray(out), np.asarray(source_image.crop(box)))
+        assert np.array_equal(np.asarray(out_label), np.asarray(source_label.crop(box)))
+        flips.add(bool(flipped))
+    assert flips == {True, False}
+
+
+def test_augment_pads_with_zero_and_ignore(tmp_path):
+    image, label = coordinate_image(40, 30)
+    out, out_label = data.augment_train(image, label, np.random.default_rng(0), 64, 40, scale_range=(1, 1),
+                                        max_rotation=0)
+    out, out_label = np.asarray(out), np.asarray(out_label)
+    assert (out_label[30:] == 255).all() and (out_label[:, 40:] == 255).all() and (out_label[:30, :40] < 255).all()
+    assert (out[30:] == 0).all() and (out[:, 40:] == 0).all()
+
+    make_ade(tmp_path)  # through the dataset: the long side is at most 2·20 = 40 < 48, so always padded
+    image, label = data.get_dataset('ade20k', tmp_path, 'train', crop_size=48, base_size=20)[0]
+    assert (label[-1] == -1).all() and (label[:, -1] == -1).all() and (image[:, -1] == 0).all()
+    assert (label >= 0).any()
+
+
+def test_augment_matches_the_sequential_pipeline():
+    """One warp = flip → resize → rotate → pad → crop of the released code, up to resampling differences."""
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (6, 8, 3), np.uint8)).resize((97, 73), Image.BICUBIC)
+    label = Image.fromarray(rng.integers(0, 20, (5, 7), np.uint8)).resize((97, 73), Image.NEAREST)
+    crop, base = 64, 80
+    agreement, error = [], []
+    for seed in range(8):
+        r = np.random.default_rng(seed)  # the parameters drawn in augment_train's order
+        img, lab = (ImageOps.mirror(image), ImageOps.mirror(label)) if r.random() < 0.5 else (image, label)
+        long_side = int(r.integers(base // 2, base * 2, endpoint=True))
+        sw, sh = long_side, int(73 * long_side / 97 + 0.5)
+        img, lab = img.resize((sw, sh), Image.BILINEAR), lab.resize((sw, sh), Image.NEAREST)
+        angle = r.uniform(-10, 10)
+        img, lab = img.rotate(angle, Image.BILINEAR), lab.rotate(angle, Image.NEAREST, fillcolor=255)
+        pw, ph = max(crop - sw, 0), max(crop - sh, 0)
+        img, lab = ImageOps.expand(img, (0, 0, pw, ph), 0), ImageOps.expand(lab, (0, 0, pw, ph), 255)
+        x1, y1 = int(r.integers(0, sw + pw - crop, endpoint=True)), int(r.integers(0, sh + ph - crop, endpoint=True))
+        box = (x1, y1, x1 + crop, y1 + crop)
+        out, out_label = data.augment_train(image, label, np.random.default_rng(seed), crop, base)
+        agreement.append((np.asarray(out_label) == np.asarray(lab.crop(box))).mean())
+        error.append(np.abs(np.asarray(out, float) - np.asarray(img.crop(box), float)).mean())
+    assert min(agreement) > 0.9 and np.mean(agreement) > 0.95 and max(error) < 5
+
+
+def test_jpeg_draft_keeps_the_geometry(tmp_path):
+    """A JPEG decoded at reduced size (scale ≤ 1/2) lands where the fully decoded one does."""
+    write_jpeg(tmp_path / 'big.jpg', 400, 300)
+    label = Image.new('L', (400, 300))
+    reduced = 0
+    for seed in range(4):  # long side 80..320 of 400: some draws decode at 1/2 or 1/4
+        lazy = Image.open(tmp_path / 'big.jpg')
+        out, _ = data.augment_train(lazy, label, np.random.default_rng(seed), 96, 160)
+        reduced += lazy.size != (400, 300)
+        full = Image.open(tmp_path / 'big.jpg').convert('RGB')  # already decoded: no reduction possible
+        full, _ = data.augment_train(full, label, np.random.default_rng(seed), 96, 160)
+        assert np.abs(np.asarray(out, float) - np.asarray(full, float)).mean() < 3
+    assert reduced
+
+
+def test_items_are_deterministic_and_worker_independent(tmp_path):
+    make_ade(tmp_path, n=6)
+    dataset = data.get_dataset('ade20k', tmp_path, 'train', crop_size=24, base_size=40, seed=3)
+    first = dataset[2]
+    assert all(torch.equal(a, b) for a, b in zip(first, dataset[2]))
+    dataset.set_epoch(1)
+    assert not torch.equal(first[0], dataset[2][0])
+
+    def batches(workers):
+        sampler = data.ShardedBatchSampler(len(dataset), 2, seed=3)
+        sampler.set_epoch(1)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers)
+        return list(loader)
+    serial, parallel = batches(0), batches(2)
+    assert len(serial) == 3
+    for (image_a, label_a), (image_b, label_b) in zip(serial, parallel):
+        assert image_a.shape == (2, 3, 24, 24) and torch.equal(image_a, image_b) and torch.equal(label_a, label_b)
+
+
+def test_sharded_batch_sampler():
+    def epoch_batches(world_size, per_rank, epoch=0, **kwargs):
+        samplers = [data.ShardedBatchSampler(22, per_rank * world_size, rank, world_size, seed=5, **kwargs)
+                    for rank in range(world_size)]
+        for s in samplers:
+            s.set_epoch(epoch)
+        return [sum(parts, []) for parts in zip(*samplers)]  # concatenated over ranks, batch by batch
+
+    single = epoch_batches(1, 4)
+    assert single == epoch_batches(2, 2) == epoch_batches(4, 1)
+    assert len(single) == 5 and all(len(b) == 4 for b in single)  # 22 items: the last 2 are dropped
+    assert len(set(sum(single, []))) == 20
+    assert single != epoch_batches(1, 4, epoch=1)
+    last = epoch_batches(2, 2, drop_last=False)
+    assert len(last) == 6 and sorted(sum(last, [])) == list(range(22))
+    assert epoch_batches(1, 4, shuffle=False)[1] == [4, 5, 6, 7]
+
+    resumed = data.ShardedBatchSampler(22, 4, seed=5)
+    resumed.set_epoch(0, start_batch=3)
+    assert len(resumed) == 2 and list(resumed) == single[3:]
+    resumed.set_epoch(1)
+    assert resumed.start_batch == 0 and len(resumed) == 5
+    with pytest.raises(ValueError):
+        data.ShardedBatchSampler(22, 4, world_size=3)
+
+
+def test_shard_indices_cover_every_item_once():
+    shards = [data.shard_indices(11, rank, 3) for rank in range(3)]
+    assert sorted(sum(shards, [])) == list(range(11)) and shards[1] == [1, 4, 7, 10]
+
+
+def test_normalize_values_and_channels_last():
+    images = torch.randint(0, 256, (2, 3, 5, 4), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    out = data.normalize(images)
+    expected = (images.float() / 255 - torch.tensor(data.MEAN).view(3, 1, 1)) / torch.tensor(data.STD).view(3, 1, 1)
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.allclose(data.normalize(images[:, :, :1, :1], data.CIFAR_MEAN, data.CIFAR_STD)[0, :, 0, 0],
+                          (images[0, :, 0, 0].float() / 255 - torch.tensor(data.CIFAR_MEAN)) / torch.tensor(data.CIFAR_STD))
+
+
+def test_missing_root_names_path_and_layout(tmp_path):
+    with pytest.raises(data.DataError, match='nowhere.*expected ROOT/ADEChallengeData2016'):
+        data.get_dataset('ade20k', tmp_path / 'nowhere', 'train')
+    with pytest.raises(data.DataError, match='nowhere.*VOCdevkit/VOC2010'):
+        data.get_dataset('pcontext', tmp_path / 'nowhere', 'train')
+    with pytest.raises(data.DataError, match='cifar-10-batches-py'):
+        data.get_dataset('cifar10', tmp_path, 'train')
+
+
+def test_bad_files_raise_data_error_naming_them(tmp_path):
+    make_ade(tmp_path)
+    images = tmp_path / 'ADEChallengeData2016' / 'images' / 'training'
+    labels = tmp_path / 'ADEChallengeData2016' / 'annotations' / 'training'
+    jpeg = (images / 'ADE_0.jpg').read_bytes()
+    (images / 'ADE_0.jpg').write_bytes(jpeg[:len(jpeg) // 2])
+    write_png(labels / 'ADE_1.png', blocks(41, 30, (1,)))
+    write_png(labels / 'ADE_2.png', blocks(40, 30, (3, 151)))
+    dataset = data.get_dataset('ade20k', tmp_path, 'train', crop_size=24, base_size=40)
+    with pytest.raises(data.DataError, match='(?i)ADE_0.jpg.*truncated'):
+        dataset[0]
+    with pytest.raises(data.DataError, match=r'ADE_1.png.*41×30.*40×30'):
+        dataset[1]
+    with pytest.raises(data.DataError, match='ADE_2.png.*value 151'):
+        dataset[2]
+    (labels / 'ADE_2.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'garbage' * 10)
+    with pytest.raises(data.DataError, match='ADE_2.png'):
+        dataset[2]
+
+    make_voc(tmp_path, 'VOC2012', 'SegmentationClass', 'Segmentation', 'train', ['a'], (0,), True)
+    (tmp_path / 'VOCdevkit/VOC2012/ImageSets/Segmentation/train.txt').write_text('a\nmissing_id\n')
+    with pytest.raises(data.DataError, match='missing_id.jpg'):
+        data.get_dataset('pascal_voc', tmp_path, 'train')
+    with pytest.raises(data.DataError, match='val.txt'):
+        data.get_dataset('pascal_voc', tmp_path, 'val')
+
+
+def rle_counts(mask):
+    """Run lengths of a bool mask in COCO's column-major order, starting with a background run."""
+    flat = mask.T.ravel().astype(int)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
+    return np.diff(np.concatenate([[0], edges])).tolist()
+
+
+def rle_string(counts):
+    """pycocotools' rleToString, for the fixture."""
+    chars = []
+    for i, x in enumerate(counts):
+        x -= counts[i - 2] if i > 2 else 0
+        while True:
+            c, x = x & 0x1f, x >> 5
+            more = x != -1 if c & 0x10 else x != 0
+            chars.append(chr(c + 48 + (0x20 if more else 0)))
+            if not more:
+                break
+    return ''.join(chars)
+
+
+def test_rle_string_decoding():
+    assert data.rle_string_counts('537OM') == [5, 3, 7, 2, 4]  # worked by hand: a negative delta at i ≥ 3
+    assert data.rle_string_counts('T3') == [100]
+    counts = [17, 250, 3, 4000, 1, 70000]
+    assert data.rle_string_counts(rle_string(counts)) == counts
+
+
+def rectangle(x0, y0, x1, y1, w=60, h=50):
+    mask = np.zeros((h, w), bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def make_coco(root):
+    def image(i):
+        write_jpeg(root / 'train2017' / f'{i:012d}.jpg', 60, 50, i)
+        return {'id': i, 'file_name': f'{i:012d}.jpg', 'height': 50, 'width': 60}
+    crowd = rectangle(30, 20, 55, 40)  # overlaps the polygon, which comes first and keeps its pixels
+    annotations = [
+        {'image_id': 1, 'category_id': 1, 'segmentation': [[5, 5, 44, 5, 44, 34, 5, 34]]},  # person → 15, 1,200 px
+        {'image_id': 1, 'category_id': 2, 'iscrowd': 1, 'segmentation': {'size': [50, 60], 'counts': rle_counts(crowd)}},
+        {'image_id': 1, 'category_id': 90, 'segmentation': [[0, 40, 20, 40, 20, 49, 0, 49]]},  # not VOC → background
+        {'image_id': 2, 'category_id': 3,  # car → 7, compressed RLE, 1,500 px
+         'segmentation': {'size': [50, 60], 'counts': rle_string(rle_counts(rectangle(10, 10, 60, 40)))}},
+        {'image_id': 3, 'category_id': 1, 'segmentation': [[0, 0, 9, 0, 9, 9, 0, 9]]},  # 100 px: not selected
+        {'image_id': 4, 'category_id': 90, 'segmentation': [[0, 0, 50, 0, 50, 40, 0, 40]]},
+    ]
+    (root / 'annotations').mkdir(parents=True)
+    instances = {'images': [image(i) for i in (1, 2, 3, 4)], 'annotations': annotations}
+    (root / 'annotations' / 'instances_train2017.json').write_text(json.dumps(instances))
+    return root
+
+
+def test_coco_to_voc(tmp_path, capsys):
+    make_coco(tmp_path)
+    dataset = data.get_dataset('coco', tmp_path, 'train', mode='val')
+    assert len(dataset) == 2 and dataset.num_classes == 21 and dataset.classes[15] == 'person'
+    expected = np.zeros((50, 60), np.int64)
+    expected[rectangle(30, 20, 55, 40)] = 2
+    expected[rectangle(5, 5, 45, 35)] = 15
+    assert torch.equal(dataset[0][1], torch.from_numpy(expected))
+    assert torch.equal(dataset[1][1], torch.from_numpy(rectangle(10, 10, 60, 40) * 7))
+
+    cache = tmp_path / 'annotations' / 'encnet_voc_index_train2017.json'
+    assert json.loads(cache.read_text())['ids'] == [1, 2]
+    cache.write_text(json.dumps({**json.loads(cache.read_text()), 'ids': [2]}))  # a reused cache is believed
+    assert len(data.get_dataset('coco', tmp_path, 'train')) == 1
+
+    cache.unlink()
+    cache.mkdir()  # the cache path cannot be written: say so and go on
+    assert len(data.get_dataset('coco', tmp_path, 'train')) == 2
+    assert 'encnet_voc_index_train2017.json' in capsys.readouterr().err
+
+
+def write_cifar(base, n=4):
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
+        batch = {b'data': rng.integers(0, 256, (n, 3072), np.uint8), b'labels': list(rng.integers(0, 10, n))}
+        (base / name).write_bytes(pickle.dumps(batch))
+
+
+def test_cifar10(tmp_path):
+    write_cifar(tmp_path / 'cifar-10-batches-py')
+    train = data.get_dataset('cifar10', tmp_path, 'train')
+    test = data.get_dataset('cifar10', tmp_path / 'cifar-10-batches-py', 'test')
+    assert len(train) == 20 and len(test) == 4 and train.num_classes == 10
+    stored = pickle.loads((tmp_path / 'cifar-10-batches-py' / 'test_batch').read_bytes())
+    image, label = test[1]
+    assert image.dtype == torch.uint8 and image.shape == (3, 32, 32) and label.dtype == torch.int64
+    assert label.ndim == 0 and label == stored[b'labels'][1]
+    assert np.array_equal(image.numpy().ravel(), stored[b'data'][1])
+
+    original = data.get_dataset('cifar10', tmp_path, 'train', mode='val')[7][0]
+    padded = torch.nn.functional.pad(original, (4, 4, 4, 4))
+    windows = {(x, y, f) for x in range(9) for y in range(9) for f in (0, 1)}
+    seen = set()
+    for epoch in range(6):
+        train.set_epoch(epoch)
+        augmented = train[7][0]
+        assert augmented.shape == (3, 32, 32) and augmented.is_contiguous()
+        match = [(x, y, f) for x, y, f in windows
+                 if torch.equal(augmented, padded[:, y:y + 32, x:x + 32].flip(2) if f else padded[:, y:y + 32, x:x + 32])]
+        assert match  # a 32×32 window of the zero-padded image, maybe mirrored
+        seen.add(match[0])
+    assert len(seen) > 1
+
+    (tmp_path / 'cifar-10-batches-py' / 'data_batch_3').write_bytes(b'\x80\x04garbage')
+    with pytest.raises(data.DataError, match='data_batch_3'):
+        data.get_dataset('cifar10', tmp_path, 'train')
+
+
+def test_dataset_info():
+    assert data.dataset_info('ade20k')['num_classes'] == 150
+    assert data.dataset_info('pascal_aug') == data.dataset_info('pascal_voc')
+    cifar = data.dataset_info('cifar10')
+    assert cifar['num_classes'] == 10 and len({tuple(c) for c in cifar['palette']}) == 10
+
+
+# ----------------------------------------------------------------------------- encnet.py
+
+import encnet  # noqa: E402  (kept beside its tests)
+
+
+def torchvision_resnet_shapes(blocks, bottleneck):
+    """Keys and shapes of torchvision's ResNet state_dict minus fc.*, written out independently."""
+    shapes = {}
+
+    def bn(prefix, c):
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{prefix}.{name}"] = (c,)
+        shapes[f"{prefix}.num_batches_tracked"] = ()
+
+    shapes["conv1.weight"] = (64, 3, 7, 7)
+    bn("bn1", 64)
+    inplanes = 64
+    for stage, (planes, n) in enumerate(zip((64, 128, 256, 512), blocks), 1):
+        for b in range(n):
+            p = f"layer{stage}.{b}"
+            if bottleneck:
+                out = planes * 4
+                convs = [(planes, inplanes, 1), (planes, planes, 3), (out, planes, 1)]
+            else:
+                out = planes
+                convs = [(planes, inplanes, 3), (planes, planes, 3)]
+            for i, (co, ci, k) in enumerate(convs, 1):
+                shapes[f"{p}.conv{i}.weight"] = (co, ci, k, k)
+                bn(f"{p}.bn{i}", co)
+            if b == 0 and inplanes != out or b == 0 and stage > 1:
+                shapes[f"{p}.downsample.0.weight"] = (out, inplanes, 1, 1)
+                bn(f"{p}.downsample.1", out)
+            inplanes = out
+    return shapes
+
+
+@pytest.mark.parametrize("name,blocks,bottleneck,params_with_fc", [
+    ("resnet18", [2, 2, 2, 2], False, 11_689_512),
+    ("resnet50", [3, 4, 6, 3], True, 25_557_032),
+    ("resnet101", [3, 4, 23, 3], True, 44_549_160),
+    ("resnet152", [3, 8, 36, 3], True, 60_192_808),
+])
+def test_backbone_has_torchvision_keys_and_shapes(name, blocks, bottleneck, params_with_fc):
+    with torch.device("meta"):
+        backbone = encnet.resnet(name)
+    ours = {k: tuple(v.shape) for k, v in backbone.state_dict().items()}
+    assert ours == torchvision_resnet_shapes(blocks, bottleneck)
+    fc = 512 * (4 if bottleneck else 1) * 1000 + 1000
+    assert sum(p.numel() for p in backbone.parameters()) + fc == params_with_fc  # torchvision's published counts
+
+
+def test_deep_stem_variant():
+    backbone = encnet.resnet("resnet50s")
+    keys = backbone.state_dict().keys()
+    assert {"conv1.0.weight", "conv1.3.weight", "conv1.6.weight"} <= keys and "bn1.weight" in keys
+    assert backbone.conv1[6].out_channels == 128 and backbone.layer1[0].conv1.in_channels == 128
+    features = backbone.eval()(torch.randn(1, 3, 64, 64))
+    assert [f.shape[-1] for f in features] == [16, 8, 8, 8]
+
+
+def test_backbone_dilation_and_output_stride():
+    backbone = encnet.resnet("resnet18", width=8).eval()
+    assert [m.dilation for m in (backbone.layer3[0].conv1, backbone.layer3[1].conv1,
+                                 backbone.layer4[0].conv1, backbone.layer4[1].conv1)] == [(1, 1), (2, 2), (2, 2), (4, 4)]
+    c1, c2, c3, c4 = backbone(torch.randn(2, 3, 80, 64))
+    assert c1.shape[-2:] == (20, 16) and c2.shape[-2:] == c3.shape[-2:] == c4.shape[-2:] == (10, 8)
+
+
+def test_pretrained_loads_strictly_from_file_and_url(tmp_path, monkeypatch):
+    source = encnet.resnet("resnet18", width=64)
+    state = dict(source.state_dict())
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)  # as torchvision ships it
+    path = tmp_path / "resnet18-imagenet.pth"
+    torch.save(state, path)
+    model = encnet.FCN(5, "resnet18", pretrained=str(path))
+    for k, v in source.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[k], v)
+    # the URL path goes through torch.hub's cache (a file:// URL: no network in tests)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    model = encnet.EncNet(5, "resnet18", pretrained=path.as_uri())
+    assert torch.equal(model.backbone.conv1.weight, source.conv1.weight)
+    assert (tmp_path / "hub" / "hub" / "checkpoints" / path.name).is_file()
+
+    del state["layer4.1.bn2.running_var"]
+    state["layer9.weight"] = torch.zeros(1)
+    state["conv1.weight"] = torch.zeros(64, 3, 3, 3)
+    torch.save(state, path)
+    with pytest.raises(ValueError) as error:
+        encnet.FCN(5, "resnet18", pretrained=str(path))
+    message = str(error.value)
+    assert "layer4.1.bn2.running_var" in message and "layer9.weight" in message and "conv1.weight" in message
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        encnet.FCN(5, "resnet18", pretrained=str(tmp_path / "nowhere.pth"))
+    with pytest.raises(ValueError, match="resnet50s"):
+        encnet.FCN(5, "resnet50s", pretrained="imagenet")
+
+
+def tiny(model_class, num_classes=5, **kwargs):
+    return model_class(num_classes, "resnet18", width=8, head_width=16, **kwargs)
+
+
+def test_segmentation_models_outputs():
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 40, 56)
+    for model in (tiny(encnet.FCN), tiny(encnet.FCN, aux=True), tiny(encnet.EncNet),
+                  tiny(encnet.EncNet, aux=True, lateral=True, residual_gate=True, num_codes=0)):
+        model.eval()
+        assert model(images).shape == (2, 5, 40, 56)
+        model.train()
+        out = model(images)
+        assert out["seg"].shape == (2, 5, 40, 56)
+        if isinstance(model, encnet.EncNet):
+            assert [s.shape for s in out["se"]] == [(2, 5), (2, 5)]  # stage 4 and stage 3 (Fig. 3)
+        assert ("aux" in out) == (model.aux_head is not None)
+    assert "se" not in tiny(encnet.EncNet, se_loss=False).train()(images)
+
+
+def test_seg_loss_terms():
+    torch.manual_seed(0)
+    labels = torch.randint(-1, 5, (2, 8, 8))
+    outputs = {"seg": torch.randn(2, 5, 8, 8), "se": [torch.randn(2, 5), torch.randn(2, 5)],
+               "aux": torch.randn(2, 5, 8, 8)}
+    loss, terms = encnet.seg_loss(outputs, labels, 5, se_weight=0.3, aux_weight=0.4)
+    valid = labels != -1
+    ce = lambda logits: -logits.log_softmax(1).permute(0, 2, 3, 1)[valid].gather(1, labels[valid][:, None]).mean()
+    present = torch.stack([torch.stack([(labels[b] == c).any() for c in range(5)]) for b in range(2)]).float()
+    bce = lambda z: -(present * F.logsigmoid(z) + (1 - present) * F.logsigmoid(-z)).mean()
+    torch.testing.assert_close(terms["seg"], ce(outputs["seg"]))
+    torch.testing.assert_close(terms["aux"], ce(outputs["aux"]))
+    torch.testing.assert_close(terms["se"], bce(outputs["se"][0]) + bce(outputs["se"][1]))
+    torch.testing.assert_close(loss, terms["seg"] + 0.3 * terms["se"] + 0.4 * terms["aux"])
+    # a given pixel count replaces this batch's (distributed runs pass the global mean)
+    loss_n, _ = encnet.seg_loss({"seg": outputs["seg"]}, labels, 5, num_pixels=torch.tensor(1000.0))
+    torch.testing.assert_close(loss_n, terms["seg"] * valid.sum() / 1000)
+
+
+@pytest.mark.parametrize("model_class", [encnet.FCN, encnet.EncNet])
+def test_loss_decreases_on_a_fixed_batch(model_class):
+    torch.manual_seed(0)
+    model = tiny(model_class, aux=True).train()
+    images = torch.randn(4, 3, 32, 32)
+    labels = (images[:, 0] > 0).long() + 2 * (images[:, 1] > 0.5).long()  # a function of the pixels
+    labels[:, :4] = -1
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(10):
+        loss, _ = encnet.seg_loss(model(images), labels, 5)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.85 * losses[0], losses
+
+
+def test_flops_encnet_within_5_percent_of_fcn():
+    from torch.utils.flop_counter import FlopCounterMode
+    flops = {}
+    for model_class in (encnet.FCN, encnet.EncNet):
+        with torch.device("meta"):
+            model = model_class(150, "resnet50").eval()
+            images = torch.empty(1, 3, 480, 480)
+        with FlopCounterMode(display=False) as counter:
+            model(images)
+        flops[model_class.__name__] = counter.get_total_flops()
+    overhead = flops["EncNet"] / flops["FCN"] - 1
+    assert 0 < overhead <= 0.05, overhead
+
+
+def test_cifar_parameter_counts_match_table_6():
+    table6 = {"resnet64d": 2.7e6, "se_resnet64d": 2.8e6, "encnet16k64d": 3.5e6, "encnet32k128d": 16.8e6}
+    for name, expected in table6.items():
+        with torch.device("meta"):
+            model = encnet.build_cifar(name)
+        count = sum(p.numel() for p in model.parameters())
+        assert abs(count / expected - 1) < 0.05, (name, count)
+    model = encnet.build_cifar("encnet16k64d")
+    assert isinstance(model.blocks[0].gate.encoding, layers.EncodingDrop)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_models_under_channels_last_bf16_and_compile():
+    torch.manual_seed(0)
+    model = tiny(encnet.EncNet).eval()
+    images = torch.randn(2, 3, 32, 32)
+    ref = model(images)
+    torch.testing.assert_close(model.to(memory_format=torch.channels_last)(
+        images.to(memory_format=torch.channels_last)), ref, rtol=1e-4, atol=1e-4)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = model(images)
+    assert (out.float().argmax(1) == ref.argmax(1)).float().mean() > 0.9
+    # graph capture through the custom autograd.Function (the inductor backend is timed in bench.py)
+    compiled = torch.compile(tiny(encnet.EncNet).train(), backend="aot_eager")
+    out = compiled(images)
+    encnet.seg_loss(out, torch.randint(0, 5, (2, 32, 32)), 5)[0].backward()

@@ -1,0 +1,598 @@
+"""Datasets, train-time augmentation and distributed batch sampling for EncNet.
+
+    get_dataset           ADE20K, PASCAL VOC (+SBD aug), PASCAL-Context, COCO→VOC, CIFAR-10 from their
+                          standard on-disk layouts; items are (3×H×W uint8 image, H×W int64 label, −1 = ignore)
+    augment_train         flip, scale, rotation and crop of the released code as ONE affine warp per sample
+    normalize             uint8 → normalised float32, on the device after the transfer (a quarter of the bytes)
+    ShardedBatchSampler   one global permutation per epoch, cut into global batches, each rank takes its slice
+    shard_indices         validation sharding without padding, so metrics summed over ranks are exact
+    dataset_info          class names and palette, for colouring predictions
+
+Randomness. Every random number of a training item comes from np.random.default_rng([seed, epoch, index]):
+an item depends neither on the DataLoader's worker count nor on the number of processes, and a resumed
+run sees exactly the batches it would have seen. Call set_epoch before iterating a DataLoader; workers
+made with persistent_workers=True keep the epoch they were started with.
+
+Bad data stops with a DataError naming the file (and the offending value): nothing is skipped or repaired.
+"""
+import json
+import math
+import os
+import pickle
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw  # ImageFile.LOAD_TRUNCATED_IMAGES stays False: a truncated file must fail
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet, as the pretrained backbones expect
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+CIFAR_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+
+
+class DataError(Exception):
+    """Missing, misplaced or damaged data. The message names the path; print it, no traceback needed."""
+
+
+@contextmanager
+def reading(path):
+    """Turn Pillow's and the OS's errors while reading `path` into a DataError naming it."""
+    try:
+        yield
+    except (OSError, SyntaxError) as e:  # Pillow raises SyntaxError for some broken PNG chunks
+        raise DataError(f'{path}: cannot read ({e})') from None
+
+
+def normalize(images, mean=MEAN, std=STD):
+    """B×3×H×W uint8 → float32 (x/255 − mean)/std on images' device, keeping channels_last if it has it."""
+    mean = torch.tensor(mean, device=images.device).view(3, 1, 1) * 255
+    std = torch.tensor(std, device=images.device).view(3, 1, 1) * 255
+    return images.float().sub_(mean).div_(std)  # .float() and in-place ops preserve the memory format
+
+
+def dataset_info(name):
+    """{'classes', 'palette', 'num_classes'} of a dataset, from classes.json next to this file."""
+    if name == 'context':
+        return {'classes': CONTEXT_CLASSES, 'palette': CONTEXT_PALETTE, 'num_classes': len(CONTEXT_CLASSES)}
+    if name == 'cifar10':
+        palette = dataset_info('pascal_voc')['palette'][1:11]  # any ten distinct colours
+        return {'classes': CIFAR_CLASSES, 'palette': palette, 'num_classes': 10}
+    key = {'pascal_aug': 'pascal_voc', 'coco': 'pascal_voc'}.get(name, name)  # COCO is trained on VOC's classes
+    table = json.loads(Path(__file__).with_name('classes.json').read_text())
+    if key not in table or key.startswith('_'):
+        raise ValueError(f'no class list for dataset {name!r}')
+    return {'classes': table[key]['classes'], 'palette': table[key]['palette'],
+            'num_classes': len(table[key]['classes'])}
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation
+
+def augment_train(image, label, rng, crop_size, base_size, scale_range=(0.5, 2.0), max_rotation=10.0,
+                  label_fill=255):
+    """The released code's random flip → scale → rotate → pad → crop, as one affine warp into the crop.
+
+    image: PIL RGB image W×H (if it is a JPEG opened but not yet loaded, it is decoded at 1/2, 1/4 or 1/8
+    size when the sampled scale allows; the matrix accounts for it). label: PIL 'L' of raw dataset values, W×H.
+    Returns the crop_size×crop_size image (padding and rotated-away corners 0) and label (those label_fill).
+    Warping only the output pixels skips resizing and rotating the whole scaled image (up to 1040×780).
+    Shrinking is plain bilinear sampling, without the anti-aliasing filter of PIL's resize (like torch's
+    interpolate), apart from the block averaging a reduced JPEG decode does.
+    """
+    w, h = image.size
+    flip = rng.random() < 0.5
+    long_side = int(rng.integers(int(base_size * scale_range[0]), int(base_size * scale_range[1]), endpoint=True))
+    if h > w:  # released code: long side = long_side, aspect kept, short side rounded
+        sw, sh = int(w * long_side / h + 0.5), long_side
+    else:
+        sw, sh = long_side, int(h * long_side / w + 0.5)
+    angle = math.radians(rng.uniform(-max_rotation, max_rotation))
+    # the crop window lies in the scaled image padded right/bottom to at least crop_size
+    x1 = int(rng.integers(0, max(sw, crop_size) - crop_size, endpoint=True))
+    y1 = int(rng.integers(0, max(sh, crop_size) - crop_size, endpoint=True))
+
+    # Inverse map, output → input, in continuous coordinates where pixel i spans [i, i+1): Pillow's affine
+    # transform samples the input at M·(x+½, y+½), so an integer translation is an exact crop.
+    cx, cy, c, s = sw / 2, sh / 2, math.cos(angle), math.sin(angle)
+    crop = np.array([[1, 0, x1], [0, 1, y1], [0, 0, 1]], float)
+    # PIL's rotate(deg) turns the content counter-clockwise about the centre; its inverse is this rotation
+    unrotate = np.array([[c, -s, cx - c * cx + s * cy], [s, c, cy - s * cx - c * cy], [0, 0, 1]])
+    unscale = np.diag([w / sw, h / sh, 1.0])
+    unflip = np.array([[-1, 0, w], [0, 1, 0], [0, 0, 1]], float) if flip else np.eye(3)
+    matrix = unflip @ unscale @ unrotate @ crop
+
+    reduced = image.draft(None, (sw, sh))  # JPEG only, before decoding: (mode, box of the original in it)
+    factor = w / reduced[1][2] if reduced else 1.0
+    image_matrix = np.diag([1 / factor, 1 / factor, 1.0]) @ matrix
+    size = (crop_size, crop_size)
+    image = image.convert('RGB').transform(size, Image.Transform.AFFINE, tuple(image_matrix[:2].ravel()),
+                                           Image.Resampling.BILINEAR, fillcolor=0)
+    label = label.transform(size, Image.Transform.AFFINE, tuple(matrix[:2].ravel()),
+                            Image.Resampling.NEAREST, fillcolor=label_fill)
+    return image, label
+
+
+def center_crop(image, label, size):
+    """Resize so the short side is `size` and cut the central size×size square (quick validation)."""
+    w, h = image.size
+    side = min(w, h)
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)  # in the original's coordinates
+    return (image.resize((size, size), Image.Resampling.BILINEAR, box),
+            label.resize((size, size), Image.Resampling.NEAREST, box))
+
+
+def image_tensor(image):
+    """PIL RGB W×H → 3×H×W uint8 contiguous tensor."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# Segmentation datasets
+
+def label_tables(first_class, num_classes, also_legal):
+    """The raw label values a dataset may contain, and the 256-entry raw value → class table.
+
+    Classes are the raw values first_class..first_class+num_classes−1; every other value (including 255,
+    the fill of augment_train, never a class here) maps to −1 = ignore.
+    """
+    legal = np.zeros(256, bool)
+    legal[first_class:first_class + num_classes] = True
+    legal[list(also_legal)] = True
+    lut = np.full(256, -1, np.int64)
+    lut[first_class:first_class + num_classes] = np.arange(num_classes)
+    return legal, lut
+
+
+LABELS = {  # name: (raw value of class 0, number of classes, other legal raw values)
+    'ade20k': (1, 150, [0]),        # 0 = "other", ignored
+    'pascal_voc': (0, 21, [255]),   # 0 = background is a class, 255 = void
+    'pascal_aug': (0, 21, [255]),
+    'pcontext': (1, 59, [0]),       # 0 = background, ignored in the 59-class setting
+    'coco': (0, 21, []),            # generated from the annotations in VOC's classes
+}
+
+
+def read_png_label(path):
+    """H×W uint8 raw label: the values of an 'L' PNG, the palette indices of a 'P' PNG."""
+    with reading(path):
+        label = Image.open(path)
+        if label.mode not in ('L', 'P'):
+            raise DataError(f'{path}: label PNG has mode {label.mode}, expected single-channel L or P')
+        return np.array(label)
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """(3×H×W uint8 image, H×W int64 label) items of one split.
+
+    samples: list of (image path, label source); read_label(label source) → H×W uint8 raw label, and
+    str(label source) names it in error messages. mode: 'train' random augmentation to crop_size×crop_size,
+    'val' the whole image, 'center' short side resized to crop_size and centre-cropped.
+    """
+
+    def __init__(self, name, samples, read_label, crop_size, base_size, mode, seed):
+        self.samples, self.read_label = samples, read_label
+        self.crop_size, self.base_size, self.mode, self.seed, self.epoch = crop_size, base_size, mode, seed, 0
+        self.legal, self.lut = label_tables(*LABELS[name])
+        info = dataset_info(name)
+        self.classes, self.palette, self.num_classes = info['classes'], info['palette'], info['num_classes']
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        image_path, label_source = self.samples[index]
+        with reading(image_path):
+            image = Image.open(image_path)  # reads the header only: decoding waits for the crop's scale
+        raw = self.read_label(label_source)
+        if raw.shape != (image.height, image.width):
+            raise DataError(f'{label_source}: label is {raw.shape[1]}×{raw.shape[0]} but image {image_path} '
+                            f'is {image.width}×{image.height}')
+        illegal = np.flatnonzero(np.bincount(raw.ravel(), minlength=256) * ~self.legal)
+        if illegal.size:
+            legal = np.flatnonzero(self.legal)
+            runs = np.split(legal, np.flatnonzero(np.diff(legal) > 1) + 1)
+            raise DataError(f'{label_source}: label value {illegal[0]}, legal values are '
+                            + ', '.join(f'{r[0]}..{r[-1]}' if len(r) > 1 else f'{r[0]}' for r in runs))
+        label = Image.fromarray(raw)
+        with reading(image_path):
+            if self.mode == 'train':
+                rng = np.random.default_rng([self.seed, self.epoch, index])
+                image, label = augment_train(image, label, rng, self.crop_size, self.base_size)
+            elif self.mode == 'center':
+                image, label = center_crop(image.convert('RGB'), label, self.crop_size)
+            else:
+                image = image.convert('RGB')
+        return image_tensor(image), torch.from_numpy(self.lut[np.asarray(label)])
+
+
+def require_dir(path, name, layout):
+    if not path.is_dir():
+        raise DataError(f'{name}: {path} not found; expected {layout}')
+    return path
+
+
+def under(root, top):
+    """ROOT/top, or ROOT itself when it already is the `top` folder."""
+    root = Path(root)
+    return root if root.name == top and not (root / top).is_dir() else root / top
+
+
+def read_ids(list_file):
+    with reading(list_file):
+        return [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+
+
+def file_pairs(name, ids, image_dir, label_dir):
+    """[(image_dir/id.jpg, label_dir/id.png)]; a listed id without both files is a DataError."""
+    images, labels = set(os.listdir(image_dir)), set(os.listdir(label_dir))  # one listing, not a stat per file
+    for i in ids:
+        if f'{i}.jpg' not in images:
+            raise DataError(f'{name}: {image_dir / i}.jpg not found (listed in the split)')
+        if f'{i}.png' not in labels:
+            raise DataError(f'{name}: {label_dir / i}.png not found (listed in the split)')
+    return [(image_dir / f'{i}.jpg', label_dir / f'{i}.png') for i in ids]
+
+
+def ade20k_samples(root, split):
+    base = under(root, 'ADEChallengeData2016')
+    layout = 'ROOT/ADEChallengeData2016/{images,annotations}/{training,validation}'
+    samples = []
+    for part in split.split('+'):
+        folder = {'train': 'training', 'val': 'validation'}.get(part)
+        if folder is None:
+            raise ValueError(f'ade20k has splits train, val (or train+val), not {split!r}')
+        image_dir = require_dir(base / 'images' / folder, 'ade20k', layout)
+        label_dir = require_dir(base / 'annotations' / folder, 'ade20k', layout)
+        ids = sorted(f[:-4] for f in os.listdir(image_dir) if f.endswith('.jpg'))
+        samples += file_pairs('ade20k', ids, image_dir, label_dir)
+    return samples
+
+
+def voc_samples(name, root, split):
+    """pascal_voc, pascal_aug (VOC2012) and pcontext (VOC2010): a list file per split under ImageSets."""
+    year, labels, lists = {'pascal_voc': ('VOC2012', 'SegmentationClass', 'Segmentation'),
+                           'pascal_aug': ('VOC2012', 'SegmentationClassAug', 'Segmentation'),
+                           'pcontext': ('VOC2010', 'SegmentationClassContext', 'SegmentationContext')}[name]
+    base = under(root, 'VOCdevkit') / year
+    layout = f'ROOT/VOCdevkit/{year}/{{JPEGImages,{labels},ImageSets/{lists}}}'
+    image_dir = require_dir(base / 'JPEGImages', name, layout)
+    label_dir = require_dir(base / labels, name, layout)
+    samples = []
+    for part in split.split('+'):
+        if name == 'pascal_aug' and part in ('train', 'train_aug'):  # SBD's 10,582 training images
+            list_file = base / 'ImageSets' / 'SegmentationAug' / 'train_aug.txt'
+        else:
+            list_file = base / 'ImageSets' / lists / f'{part}.txt'
+        if not list_file.is_file():
+            raise DataError(f'{name}: split list {list_file} not found; expected {layout}')
+        samples += file_pairs(name, read_ids(list_file), image_dir, label_dir)
+    return samples
+
+
+# COCO → VOC (paper Sec. 3.3). Index = VOC class, value = COCO category id, as in the released code.
+CAT_LIST = [0, 5, 2, 16, 9, 44, 6, 3, 17, 62, 21, 67, 18, 19, 4, 1, 64, 20, 63, 7, 72]
+VOC_CLASS_OF_COCO = {cat: voc for voc, cat in enumerate(CAT_LIST) if voc > 0}
+
+
+class CocoLabel(NamedTuple):
+    """What a COCO label is rasterised from; str() names it for error messages."""
+    annotation_file: Path
+    image_id: int
+    height: int
+    width: int
+    objects: list  # [(VOC class, COCO segmentation)] in the annotation file's order
+
+    def __str__(self):
+        return f'{self.annotation_file} (image id {self.image_id})'
+
+
+def rle_string_counts(s):
+    """Run lengths of COCO's compressed RLE string (pycocotools rleFrString).
+
+    Each count is 5-bit groups, least significant first, in chars of 48 + 6 bits (bit 5 = more follow,
+    bit 4 of the last = negative); from the fourth count on, each is stored minus the count two before.
+    """
+    counts, p = [], 0
+    while p < len(s):
+        x = k = 0
+        while True:
+            c = ord(s[p]) - 48
+            x |= (c & 0x1f) << 5 * k
+            p, k = p + 1, k + 1
+            if not c & 0x20:
+                if c & 0x10:
+                    x -= 1 << 5 * k
+                break
+        counts.append(x + counts[-2] if len(counts) > 2 else x)
+    return counts
+
+
+def segmentation_mask(segmentation, height, width):
+    """H×W bool mask of one COCO segmentation: polygons, or RLE with a list or compressed-string `counts`."""
+    if isinstance(segmentation, list):  # polygons [[x1, y1, x2, y2, ...], ...]
+        canvas = Image.new('L', (width, height))
+        draw = ImageDraw.Draw(canvas)
+        for polygon in segmentation:
+            draw.polygon(polygon, fill=1)
+        return np.asarray(canvas) > 0
+    counts = segmentation['counts']
+    counts = rle_string_counts(counts) if isinstance(counts, str) else counts
+    runs = np.zeros(len(counts), bool)
+    runs[1::2] = True  # runs alternate background, object, ... starting with background
+    flat = np.repeat(runs, counts)
+    if flat.size != height * width:
+        raise ValueError(f'RLE covers {flat.size} pixels, the image has {height}×{width}')
+    return flat.reshape(width, height).T  # RLE runs down the columns
+
+
+def coco_label(source):
+    """H×W uint8 VOC-class label of a CocoLabel; where objects overlap the first one wins (as released)."""
+    label = np.zeros((source.height, source.width), np.uint8)
+    try:
+        for voc_class, segmentation in source.objects:
+            label[segmentation_mask(segmentation, source.height, source.width) & (label == 0)] = voc_class
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        raise DataError(f'{source}: bad segmentation ({e})') from None
+    return label
+
+
+def coco_samples(root, split):
+    """COCO images with more than 1,000 pixels of the 20 VOC categories, with their label sources."""
+    root, year = Path(root), {'train': 'train2017', 'val': 'val2017'}.get(split)
+    if year is None:
+        raise ValueError(f'coco has splits train, val, not {split!r}')
+    layout = f'ROOT/{{train2017,val2017}}/*.jpg and ROOT/annotations/instances_{{train,val}}2017.json'
+    image_dir = require_dir(root / year, 'coco', layout)
+    annotation_file = root / 'annotations' / f'instances_{year}.json'
+    if not annotation_file.is_file():
+        raise DataError(f'coco: {annotation_file} not found; expected {layout}')
+    try:
+        with reading(annotation_file):
+            coco = json.loads(annotation_file.read_text())
+        images = {image['id']: image for image in coco['images']}
+        objects = {}
+        for a in coco['annotations']:
+            if a['category_id'] in VOC_CLASS_OF_COCO:
+                objects.setdefault(a['image_id'], []).append((VOC_CLASS_OF_COCO[a['category_id']], a['segmentation']))
+        sources = {i: CocoLabel(annotation_file, i, images[i]['height'], images[i]['width'], objects[i])
+                   for i in sorted(objects)}
+    except (ValueError, TypeError, KeyError) as e:
+        raise DataError(f'coco: {annotation_file}: not a COCO instances file ({e!r})') from None
+
+    # Rasterising every image takes minutes on train2017, so the selection is cached beside the annotations.
+    cache = annotation_file.with_name(f'encnet_voc_index_{year}.json')
+    stamp = annotation_file.stat().st_size  # a replaced annotation file invalidates the cache
+    try:
+        cached = json.loads(cache.read_text())
+    except (OSError, ValueError):  # absent or unreadable: recompute
+        cached = {}
+    if cached.get('annotation_bytes') == stamp:
+        ids = cached['ids']
+    else:
+        ids = [i for i, source in sources.items() if np.count_nonzero(coco_label(source)) > 1000]
+        try:
+            cache.write_text(json.dumps({'annotation_bytes': stamp, 'ids': ids}))
+        except OSError as e:
+            print(f'coco: cannot write the image selection cache {cache} ({e}); continuing without it',
+                  file=sys.stderr)
+    present = set(os.listdir(image_dir))
+    for i in ids:
+        if images[i]['file_name'] not in present:
+            raise DataError(f'coco: {image_dir / images[i]["file_name"]} not found (listed in {annotation_file})')
+    return [(image_dir / images[i]['file_name'], sources[i]) for i in ids]
+
+
+def get_dataset(name, root, split, crop_size=480, base_size=520, mode=None, seed=0):
+    """The Dataset `name` ('context', 'ade20k', 'pascal_voc', 'pascal_aug', 'pcontext', 'coco', 'cifar10').
+
+    split: 'train', 'val', or lists joined by '+' ('train+val'); 'train_aug' for pascal_aug; 'test' = 'val'
+    for cifar10. mode: 'train' (random augmentation), 'val' (whole image) or 'center'; by default 'val' for
+    the validation/test split, 'train' otherwise.
+    """
+    mode = mode or ('val' if split in ('val', 'test') else 'train')
+    if mode not in ('train', 'val', 'center'):
+        raise ValueError(f"mode must be 'train', 'val' or 'center', not {mode!r}")
+    if name == 'context':
+        return context_dataset(split, crop_size, base_size, mode, seed)
+    if name == 'cifar10':
+        return CIFAR10(root, split, mode == 'train', seed)
+    if name == 'ade20k':
+        samples, read_label = ade20k_samples(root, split), read_png_label
+    elif name in ('pascal_voc', 'pascal_aug', 'pcontext'):
+        samples, read_label = voc_samples(name, root, split), read_png_label
+    elif name == 'coco':
+        samples, read_label = coco_samples(root, split), coco_label
+    else:
+        raise ValueError(f'unknown dataset {name!r}')
+    return SegmentationDataset(name, samples, read_label, crop_size, base_size, mode, seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-10
+
+class CIFAR10(torch.utils.data.Dataset):
+    """CIFAR-10 from ROOT/cifar-10-batches-py: (3×32×32 uint8 image, int64 scalar label) items.
+
+    Training items get a 4-pixel zero pad, a random 32×32 crop and a random horizontal flip.
+    """
+
+    def __init__(self, root, split, train, seed=0):
+        base = under(root, 'cifar-10-batches-py')
+        names = {'train': [f'data_batch_{i}' for i in range(1, 6)], 'val': ['test_batch'], 'test': ['test_batch']}
+        if split not in names:
+            raise ValueError(f'cifar10 has splits train, val/test, not {split!r}')
+        images, labels = [], []
+        for path in (base / n for n in names[split]):
+            if not path.is_file():
+                raise DataError(f'cifar10: {path} not found; expected ROOT/cifar-10-batches-py/'
+                                '{data_batch_1..5,test_batch}')
+            try:  # the dataset's own format is a pickle of {b'data': N×3072 uint8, b'labels': [N ints]}
+                with open(path, 'rb') as f:
+                    batch = pickle.load(f, encoding='bytes')
+                images.append(np.asarray(batch[b'data'], np.uint8).reshape(-1, 3, 32, 32))
+                labels.append(np.asarray(batch[b'labels'], np.int64).reshape(-1))
+                if len(images[-1]) != len(labels[-1]) or not np.all((labels[-1] >= 0) & (labels[-1] < 10)):
+                    raise ValueError('labels do not match the images or lie outside 0..9')
+            except Exception as e:  # a damaged pickle can raise almost anything
+                raise DataError(f'cifar10: {path} is not a CIFAR-10 batch ({e!r})') from None
+        self.images, self.labels = torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+        self.train, self.seed, self.epoch = train, seed, 0
+        info = dataset_info('cifar10')
+        self.classes, self.palette, self.num_classes = info['classes'], info['palette'], info['num_classes']
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        image = self.images[index]
+        if self.train:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            x, y = rng.integers(0, 9, size=2)  # offset of the 32×32 crop in the 40×40 padded image
+            image = torch.nn.functional.pad(image, (4, 4, 4, 4))[:, y:y + 32, x:x + 32]
+            if rng.random() < 0.5:
+                image = image.flip(2)
+        return image.contiguous(), self.labels[index]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+
+class ShardedBatchSampler(torch.utils.data.Sampler):
+    """Batches of indices for one rank, such that the ranks' batches concatenated are the global batch.
+
+    Each epoch draws one permutation of range(num_items) from torch.Generator seeded with
+    seed·100003 + epoch, cuts it into batches of global_batch and gives rank r the slice
+    [r·L, (r+1)·L), L = global_batch / world_size: 2 processes × 2 images compute the step of 1 × 4.
+    With drop_last=False the short last batch is split as evenly as possible (a rank may get none).
+    start_batch skips the first batches of the epoch, to resume mid-epoch; set_epoch resets it.
+    """
+
+    def __init__(self, num_items, global_batch, rank=0, world_size=1, seed=0, shuffle=True, drop_last=True):
+        if global_batch % world_size:
+            raise ValueError(f'global batch {global_batch} is not divisible by {world_size} processes')
+        self.num_items, self.global_batch, self.rank, self.world_size = num_items, global_batch, rank, world_size
+        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def batches_per_epoch(self):
+        full, rest = divmod(self.num_items, self.global_batch)
+        return full + (rest > 0 and not self.drop_last)
+
+    def __len__(self):
+        return max(0, self.batches_per_epoch() - self.start_batch)
+
+    def __iter__(self):
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            order = torch.randperm(self.num_items, generator=generator)
+        else:
+            order = torch.arange(self.num_items)
+        for b in range(self.start_batch, self.batches_per_epoch()):
+            batch = order[b * self.global_batch:(b + 1) * self.global_batch]
+            # tensor_split cuts a full batch into equal slices of L, in order
+            yield batch.tensor_split(self.world_size)[self.rank].tolist()
+
+
+def shard_indices(num_items, rank, world_size):
+    """Indices rank, rank+world_size, ...: every item exactly once over all ranks (no padding)."""
+    return list(range(rank, num_items, world_size))
+
+
+# ----------------------------------------------------------------------------------------------
+# The built-in context dataset
+
+# A generated dataset that makes the paper's point (Sec. 1, Fig. 1 and 4: "sand" vs "earth" is decided by
+# the scene, not by the pixels). Every image is a scene of one of two kinds. Its large regions, ground and
+# water, look exactly alike in both kinds, so no local window can label them; which class they are (sand
+# and sea on a beach, earth and lake in a field) is decided by which kind of small object is in the
+# majority across the whole image (shells vs flowers, 2–4 of each). That is a global statistic: an orderless
+# count over the image, what the Encoding layer aggregates and what a stack of dilated 3×3 convolutions
+# only approximates. The ambiguous regions are 4 of the 6 classes, so they dominate mIoU.
+CONTEXT_IMAGE_SIZE = 96
+CONTEXT_SIZES = {'train': 3000, 'val': 500}
+CONTEXT_CLASSES = ['sand', 'earth', 'sea', 'lake', 'shell', 'flower']
+CONTEXT_PALETTE = [[160, 150, 80], [120, 80, 50], [0, 80, 160], [60, 160, 200], [240, 240, 240], [230, 40, 40]]
+GROUND_RGB, WATER_RGB = (150, 120, 80), (60, 100, 170)  # the same in every scene: appearance says nothing
+CUE_RGB = ((240, 240, 240), (230, 40, 40))  # shell, flower
+
+
+def context_scene(rng, size=CONTEXT_IMAGE_SIZE):
+    """One generated scene → (H×W×3 uint8 image, H×W int64 label)."""
+    scene = rng.integers(2)  # 0 = beach, 1 = field
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    field = sum(rng.uniform(0.5, 1) * np.sin(2 * np.pi * (fx * xx + fy * yy) + phase)
+                for fx, fy, phase in rng.uniform([-2, -2, 0], [2, 2, 2 * np.pi], (4, 3)))
+    water = field > np.median(field)  # two irregular regions of equal area
+    image = np.where(water[..., None], WATER_RGB, GROUND_RGB) + rng.normal(0, 18, (size, size, 3))
+    label = np.where(water, 2 + scene, scene)
+    counts = rng.integers(2, 5, 2)
+    counts[scene] = counts.max() + rng.integers(1, 3)  # the scene's own object is in the majority
+    yy, xx = np.mgrid[0:size, 0:size]
+    for kind, count in enumerate(counts):
+        for _ in range(count):
+            r = rng.uniform(3, 5)
+            cy, cx = rng.uniform(r, size - r, 2)
+            disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+            image[disc] = np.add(CUE_RGB[kind], rng.normal(0, 10, 3))
+            label[disc] = 4 + kind
+    image *= rng.uniform(0.85, 1.15)  # global brightness: no pixel-exact shortcut
+    return np.clip(image, 0, 255).astype(np.uint8), label.astype(np.int64)
+
+
+class ContextDataset(torch.utils.data.Dataset):
+    """The built-in dataset, generated in memory from the split alone (the same images for every seed).
+
+    Training augmentation is a random horizontal flip, plus a random crop when crop_size is below the
+    image size (96: no crop, the default); a random scale is left out, as zooming in could cut away the
+    objects whose majority defines the labels. 'center' cuts the central crop_size square.
+    """
+
+    def __init__(self, split, crop_size, mode, seed=0):
+        parts = split.split('+')
+        if any(p not in CONTEXT_SIZES for p in parts):
+            raise ValueError(f'context has splits train, val (or train+val), not {split!r}')
+        scenes = [context_scene(np.random.default_rng([{'train': 1, 'val': 2}[p], i]))
+                  for p in parts for i in range(CONTEXT_SIZES[p])]
+        self.images = torch.from_numpy(np.stack([s[0] for s in scenes])).permute(0, 3, 1, 2).contiguous()
+        self.labels = torch.from_numpy(np.stack([s[1] for s in scenes]))
+        self.crop_size, self.mode, self.seed, self.epoch = crop_size, mode, seed, 0
+        self.classes, self.palette, self.num_classes = CONTEXT_CLASSES, CONTEXT_PALETTE, len(CONTEXT_CLASSES)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        image, label = self.images[index], self.labels[index]
+        margin = CONTEXT_IMAGE_SIZE - self.crop_size
+        if self.mode == 'train':
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            if rng.random() < 0.5:
+                image, label = image.flip(2), label.flip(1)
+            y, x = rng.integers(0, margin, 2, endpoint=True)
+        elif self.mode == 'center':
+            y = x = margin // 2
+        else:
+            return image, label
+        crop = (slice(y, y + self.crop_size), slice(x, x + self.crop_size))
+        return image[:, crop[0], crop[1]].contiguous(), label[crop].contiguous()
+
+
+def context_dataset(split, crop_size, base_size, mode, seed):
+    if crop_size > CONTEXT_IMAGE_SIZE:
+        raise ValueError(f'crop size {crop_size} is larger than the context images ({CONTEXT_IMAGE_SIZE} px)')
+    return ContextDataset(split, crop_size, mode, seed)
