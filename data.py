@@ -15,6 +15,8 @@ made with persistent_workers=True keep the epoch they were started with.
 
 Bad data stops with a DataError naming the file (and the offending value): nothing is skipped or repaired.
 """
+import hashlib
+import inspect
 import json
 import math
 import os
@@ -30,7 +32,7 @@ from PIL import Image, ImageDraw  # ImageFile.LOAD_TRUNCATED_IMAGES stays False:
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet, as the pretrained backbones expect
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
-CIFAR_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 class DataError(Exception):
@@ -43,7 +45,7 @@ def reading(path):
     try:
         yield
     except (OSError, SyntaxError) as e:  # Pillow raises SyntaxError for some broken PNG chunks
-        raise DataError(f'{path}: cannot read ({e})') from None
+        raise DataError(f"{path}: cannot read ({e})") from None
 
 
 def normalize(images, mean=MEAN, std=STD):
@@ -55,17 +57,17 @@ def normalize(images, mean=MEAN, std=STD):
 
 def dataset_info(name):
     """{'classes', 'palette', 'num_classes'} of a dataset, from classes.json next to this file."""
-    if name == 'context':
-        return {'classes': CONTEXT_CLASSES, 'palette': CONTEXT_PALETTE, 'num_classes': len(CONTEXT_CLASSES)}
-    if name == 'cifar10':
-        palette = dataset_info('pascal_voc')['palette'][1:11]  # any ten distinct colours
-        return {'classes': CIFAR_CLASSES, 'palette': palette, 'num_classes': 10}
-    key = {'pascal_aug': 'pascal_voc', 'coco': 'pascal_voc'}.get(name, name)  # COCO is trained on VOC's classes
-    table = json.loads(Path(__file__).with_name('classes.json').read_text())
-    if key not in table or key.startswith('_'):
-        raise ValueError(f'no class list for dataset {name!r}')
-    return {'classes': table[key]['classes'], 'palette': table[key]['palette'],
-            'num_classes': len(table[key]['classes'])}
+    if name == "context":
+        return {"classes": CONTEXT_CLASSES, "palette": CONTEXT_PALETTE, "num_classes": len(CONTEXT_CLASSES)}
+    if name == "cifar10":
+        palette = dataset_info("pascal_voc")["palette"][1:11]  # any ten distinct colours
+        return {"classes": CIFAR_CLASSES, "palette": palette, "num_classes": 10}
+    key = {"pascal_aug": "pascal_voc", "coco": "pascal_voc"}.get(name, name)  # COCO is trained on VOC's classes
+    table = json.loads(Path(__file__).with_name("classes.json").read_text())
+    if key not in table or key.startswith("_"):
+        raise ValueError(f"no class list for dataset {name!r}")
+    return {"classes": table[key]["classes"], "palette": table[key]["palette"],
+            "num_classes": len(table[key]["classes"])}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,7 +110,7 @@ def augment_train(image, label, rng, crop_size, base_size, scale_range=(0.5, 2.0
     factor = w / reduced[1][2] if reduced else 1.0
     image_matrix = np.diag([1 / factor, 1 / factor, 1.0]) @ matrix
     size = (crop_size, crop_size)
-    image = image.convert('RGB').transform(size, Image.Transform.AFFINE, tuple(image_matrix[:2].ravel()),
+    image = image.convert("RGB").transform(size, Image.Transform.AFFINE, tuple(image_matrix[:2].ravel()),
                                            Image.Resampling.BILINEAR, fillcolor=0)
     label = label.transform(size, Image.Transform.AFFINE, tuple(matrix[:2].ravel()),
                             Image.Resampling.NEAREST, fillcolor=label_fill)
@@ -147,11 +149,11 @@ def label_tables(first_class, num_classes, also_legal):
 
 
 LABELS = {  # name: (raw value of class 0, number of classes, other legal raw values)
-    'ade20k': (1, 150, [0]),        # 0 = "other", ignored
-    'pascal_voc': (0, 21, [255]),   # 0 = background is a class, 255 = void
-    'pascal_aug': (0, 21, [255]),
-    'pcontext': (1, 59, [0]),       # 0 = background, ignored in the 59-class setting
-    'coco': (0, 21, []),            # generated from the annotations in VOC's classes
+    "ade20k": (1, 150, [0]),        # 0 = "other", ignored
+    "pascal_voc": (0, 21, [255]),   # 0 = background is a class, 255 = void
+    "pascal_aug": (0, 21, [255]),
+    "pcontext": (1, 59, [0]),       # 0 = background, ignored in the 59-class setting
+    "coco": (0, 21, []),            # generated from the annotations in VOC's classes
 }
 
 
@@ -159,8 +161,8 @@ def read_png_label(path):
     """H×W uint8 raw label: the values of an 'L' PNG, the palette indices of a 'P' PNG."""
     with reading(path):
         label = Image.open(path)
-        if label.mode not in ('L', 'P'):
-            raise DataError(f'{path}: label PNG has mode {label.mode}, expected single-channel L or P')
+        if label.mode not in ("L", "P"):
+            raise DataError(f"{path}: label PNG has mode {label.mode}, expected single-channel L or P")
         return np.array(label)
 
 
@@ -177,7 +179,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.crop_size, self.base_size, self.mode, self.seed, self.epoch = crop_size, base_size, mode, seed, 0
         self.legal, self.lut = label_tables(*LABELS[name])
         info = dataset_info(name)
-        self.classes, self.palette, self.num_classes = info['classes'], info['palette'], info['num_classes']
+        self.classes, self.palette, self.num_classes = info["classes"], info["palette"], info["num_classes"]
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -191,29 +193,29 @@ class SegmentationDataset(torch.utils.data.Dataset):
             image = Image.open(image_path)  # reads the header only: decoding waits for the crop's scale
         raw = self.read_label(label_source)
         if raw.shape != (image.height, image.width):
-            raise DataError(f'{label_source}: label is {raw.shape[1]}×{raw.shape[0]} but image {image_path} '
-                            f'is {image.width}×{image.height}')
+            raise DataError(f"{label_source}: label is {raw.shape[1]}×{raw.shape[0]} but image {image_path} "
+                            f"is {image.width}×{image.height}")
         illegal = np.flatnonzero(np.bincount(raw.ravel(), minlength=256) * ~self.legal)
         if illegal.size:
             legal = np.flatnonzero(self.legal)
             runs = np.split(legal, np.flatnonzero(np.diff(legal) > 1) + 1)
-            raise DataError(f'{label_source}: label value {illegal[0]}, legal values are '
-                            + ', '.join(f'{r[0]}..{r[-1]}' if len(r) > 1 else f'{r[0]}' for r in runs))
+            raise DataError(f"{label_source}: label value {illegal[0]}, legal values are "
+                            + ", ".join(f"{r[0]}..{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs))
         label = Image.fromarray(raw)
         with reading(image_path):
-            if self.mode == 'train':
+            if self.mode == "train":
                 rng = np.random.default_rng([self.seed, self.epoch, index])
                 image, label = augment_train(image, label, rng, self.crop_size, self.base_size)
-            elif self.mode == 'center':
-                image, label = center_crop(image.convert('RGB'), label, self.crop_size)
+            elif self.mode == "center":
+                image, label = center_crop(image.convert("RGB"), label, self.crop_size)
             else:
-                image = image.convert('RGB')
+                image = image.convert("RGB")
         return image_tensor(image), torch.from_numpy(self.lut[np.asarray(label)])
 
 
 def require_dir(path, name, layout):
     if not path.is_dir():
-        raise DataError(f'{name}: {path} not found; expected {layout}')
+        raise DataError(f"{name}: {path} not found; expected {layout}")
     return path
 
 
@@ -232,45 +234,45 @@ def file_pairs(name, ids, image_dir, label_dir):
     """[(image_dir/id.jpg, label_dir/id.png)]; a listed id without both files is a DataError."""
     images, labels = set(os.listdir(image_dir)), set(os.listdir(label_dir))  # one listing, not a stat per file
     for i in ids:
-        if f'{i}.jpg' not in images:
-            raise DataError(f'{name}: {image_dir / i}.jpg not found (listed in the split)')
-        if f'{i}.png' not in labels:
-            raise DataError(f'{name}: {label_dir / i}.png not found (listed in the split)')
-    return [(image_dir / f'{i}.jpg', label_dir / f'{i}.png') for i in ids]
+        if f"{i}.jpg" not in images:
+            raise DataError(f"{name}: {image_dir / i}.jpg not found (listed in the split)")
+        if f"{i}.png" not in labels:
+            raise DataError(f"{name}: {label_dir / i}.png not found (listed in the split)")
+    return [(image_dir / f"{i}.jpg", label_dir / f"{i}.png") for i in ids]
 
 
 def ade20k_samples(root, split):
-    base = under(root, 'ADEChallengeData2016')
-    layout = 'ROOT/ADEChallengeData2016/{images,annotations}/{training,validation}'
+    base = under(root, "ADEChallengeData2016")
+    layout = "ROOT/ADEChallengeData2016/{images,annotations}/{training,validation}"
     samples = []
-    for part in split.split('+'):
-        folder = {'train': 'training', 'val': 'validation'}.get(part)
+    for part in split.split("+"):
+        folder = {"train": "training", "val": "validation"}.get(part)
         if folder is None:
-            raise ValueError(f'ade20k has splits train, val (or train+val), not {split!r}')
-        image_dir = require_dir(base / 'images' / folder, 'ade20k', layout)
-        label_dir = require_dir(base / 'annotations' / folder, 'ade20k', layout)
-        ids = sorted(f[:-4] for f in os.listdir(image_dir) if f.endswith('.jpg'))
-        samples += file_pairs('ade20k', ids, image_dir, label_dir)
+            raise ValueError(f"ade20k has splits train, val (or train+val), not {split!r}")
+        image_dir = require_dir(base / "images" / folder, "ade20k", layout)
+        label_dir = require_dir(base / "annotations" / folder, "ade20k", layout)
+        ids = sorted(f[:-4] for f in os.listdir(image_dir) if f.endswith(".jpg"))
+        samples += file_pairs("ade20k", ids, image_dir, label_dir)
     return samples
 
 
 def voc_samples(name, root, split):
     """pascal_voc, pascal_aug (VOC2012) and pcontext (VOC2010): a list file per split under ImageSets."""
-    year, labels, lists = {'pascal_voc': ('VOC2012', 'SegmentationClass', 'Segmentation'),
-                           'pascal_aug': ('VOC2012', 'SegmentationClassAug', 'Segmentation'),
-                           'pcontext': ('VOC2010', 'SegmentationClassContext', 'SegmentationContext')}[name]
-    base = under(root, 'VOCdevkit') / year
-    layout = f'ROOT/VOCdevkit/{year}/{{JPEGImages,{labels},ImageSets/{lists}}}'
-    image_dir = require_dir(base / 'JPEGImages', name, layout)
+    year, labels, lists = {"pascal_voc": ("VOC2012", "SegmentationClass", "Segmentation"),
+                           "pascal_aug": ("VOC2012", "SegmentationClassAug", "Segmentation"),
+                           "pcontext": ("VOC2010", "SegmentationClassContext", "SegmentationContext")}[name]
+    base = under(root, "VOCdevkit") / year
+    layout = f"ROOT/VOCdevkit/{year}/{{JPEGImages,{labels},ImageSets/{lists}}}"
+    image_dir = require_dir(base / "JPEGImages", name, layout)
     label_dir = require_dir(base / labels, name, layout)
     samples = []
-    for part in split.split('+'):
-        if name == 'pascal_aug' and part in ('train', 'train_aug'):  # SBD's 10,582 training images
-            list_file = base / 'ImageSets' / 'SegmentationAug' / 'train_aug.txt'
+    for part in split.split("+"):
+        if name == "pascal_aug" and part in ("train", "train_aug"):  # SBD's 10,582 training images
+            list_file = base / "ImageSets" / "SegmentationAug" / "train_aug.txt"
         else:
-            list_file = base / 'ImageSets' / lists / f'{part}.txt'
+            list_file = base / "ImageSets" / lists / f"{part}.txt"
         if not list_file.is_file():
-            raise DataError(f'{name}: split list {list_file} not found; expected {layout}')
+            raise DataError(f"{name}: split list {list_file} not found; expected {layout}")
         samples += file_pairs(name, read_ids(list_file), image_dir, label_dir)
     return samples
 
@@ -289,7 +291,7 @@ class CocoLabel(NamedTuple):
     objects: list  # [(VOC class, COCO segmentation)] in the annotation file's order
 
     def __str__(self):
-        return f'{self.annotation_file} (image id {self.image_id})'
+        return f"{self.annotation_file} (image id {self.image_id})"
 
 
 def rle_string_counts(s):
@@ -316,18 +318,18 @@ def rle_string_counts(s):
 def segmentation_mask(segmentation, height, width):
     """H×W bool mask of one COCO segmentation: polygons, or RLE with a list or compressed-string `counts`."""
     if isinstance(segmentation, list):  # polygons [[x1, y1, x2, y2, ...], ...]
-        canvas = Image.new('L', (width, height))
+        canvas = Image.new("L", (width, height))
         draw = ImageDraw.Draw(canvas)
         for polygon in segmentation:
             draw.polygon(polygon, fill=1)
         return np.asarray(canvas) > 0
-    counts = segmentation['counts']
+    counts = segmentation["counts"]
     counts = rle_string_counts(counts) if isinstance(counts, str) else counts
     runs = np.zeros(len(counts), bool)
     runs[1::2] = True  # runs alternate background, object, ... starting with background
     flat = np.repeat(runs, counts)
     if flat.size != height * width:
-        raise ValueError(f'RLE covers {flat.size} pixels, the image has {height}×{width}')
+        raise ValueError(f"RLE covers {flat.size} pixels, the image has {height}×{width}")
     return flat.reshape(width, height).T  # RLE runs down the columns
 
 
@@ -338,54 +340,54 @@ def coco_label(source):
         for voc_class, segmentation in source.objects:
             label[segmentation_mask(segmentation, source.height, source.width) & (label == 0)] = voc_class
     except (ValueError, TypeError, KeyError, IndexError) as e:
-        raise DataError(f'{source}: bad segmentation ({e})') from None
+        raise DataError(f"{source}: bad segmentation ({e})") from None
     return label
 
 
 def coco_samples(root, split):
     """COCO images with more than 1,000 pixels of the 20 VOC categories, with their label sources."""
-    root, year = Path(root), {'train': 'train2017', 'val': 'val2017'}.get(split)
+    root, year = Path(root), {"train": "train2017", "val": "val2017"}.get(split)
     if year is None:
-        raise ValueError(f'coco has splits train, val, not {split!r}')
-    layout = f'ROOT/{{train2017,val2017}}/*.jpg and ROOT/annotations/instances_{{train,val}}2017.json'
-    image_dir = require_dir(root / year, 'coco', layout)
-    annotation_file = root / 'annotations' / f'instances_{year}.json'
+        raise ValueError(f"coco has splits train, val, not {split!r}")
+    layout = f"ROOT/{{train2017,val2017}}/*.jpg and ROOT/annotations/instances_{{train,val}}2017.json"
+    image_dir = require_dir(root / year, "coco", layout)
+    annotation_file = root / "annotations" / f"instances_{year}.json"
     if not annotation_file.is_file():
-        raise DataError(f'coco: {annotation_file} not found; expected {layout}')
+        raise DataError(f"coco: {annotation_file} not found; expected {layout}")
     try:
         with reading(annotation_file):
             coco = json.loads(annotation_file.read_text())
-        images = {image['id']: image for image in coco['images']}
+        images = {image["id"]: image for image in coco["images"]}
         objects = {}
-        for a in coco['annotations']:
-            if a['category_id'] in VOC_CLASS_OF_COCO:
-                objects.setdefault(a['image_id'], []).append((VOC_CLASS_OF_COCO[a['category_id']], a['segmentation']))
-        sources = {i: CocoLabel(annotation_file, i, images[i]['height'], images[i]['width'], objects[i])
+        for a in coco["annotations"]:
+            if a["category_id"] in VOC_CLASS_OF_COCO:
+                objects.setdefault(a["image_id"], []).append((VOC_CLASS_OF_COCO[a["category_id"]], a["segmentation"]))
+        sources = {i: CocoLabel(annotation_file, i, images[i]["height"], images[i]["width"], objects[i])
                    for i in sorted(objects)}
     except (ValueError, TypeError, KeyError) as e:
-        raise DataError(f'coco: {annotation_file}: not a COCO instances file ({e!r})') from None
+        raise DataError(f"coco: {annotation_file}: not a COCO instances file ({e!r})") from None
 
     # Rasterising every image takes minutes on train2017, so the selection is cached beside the annotations.
-    cache = annotation_file.with_name(f'encnet_voc_index_{year}.json')
+    cache = annotation_file.with_name(f"encnet_voc_index_{year}.json")
     stamp = annotation_file.stat().st_size  # a replaced annotation file invalidates the cache
     try:
         cached = json.loads(cache.read_text())
     except (OSError, ValueError):  # absent or unreadable: recompute
         cached = {}
-    if cached.get('annotation_bytes') == stamp:
-        ids = cached['ids']
+    if cached.get("annotation_bytes") == stamp:
+        ids = cached["ids"]
     else:
         ids = [i for i, source in sources.items() if np.count_nonzero(coco_label(source)) > 1000]
         try:
-            cache.write_text(json.dumps({'annotation_bytes': stamp, 'ids': ids}))
+            cache.write_text(json.dumps({"annotation_bytes": stamp, "ids": ids}))
         except OSError as e:
-            print(f'coco: cannot write the image selection cache {cache} ({e}); continuing without it',
+            print(f"coco: cannot write the image selection cache {cache} ({e}); continuing without it",
                   file=sys.stderr)
     present = set(os.listdir(image_dir))
     for i in ids:
-        if images[i]['file_name'] not in present:
+        if images[i]["file_name"] not in present:
             raise DataError(f'coco: {image_dir / images[i]["file_name"]} not found (listed in {annotation_file})')
-    return [(image_dir / images[i]['file_name'], sources[i]) for i in ids]
+    return [(image_dir / images[i]["file_name"], sources[i]) for i in ids]
 
 
 def get_dataset(name, root, split, crop_size=480, base_size=520, mode=None, seed=0):
@@ -395,21 +397,21 @@ def get_dataset(name, root, split, crop_size=480, base_size=520, mode=None, seed
     for cifar10. mode: 'train' (random augmentation), 'val' (whole image) or 'center'; by default 'val' for
     the validation/test split, 'train' otherwise.
     """
-    mode = mode or ('val' if split in ('val', 'test') else 'train')
-    if mode not in ('train', 'val', 'center'):
+    mode = mode or ("val" if split in ("val", "test") else "train")
+    if mode not in ("train", "val", "center"):
         raise ValueError(f"mode must be 'train', 'val' or 'center', not {mode!r}")
-    if name == 'context':
+    if name == "context":
         return context_dataset(split, crop_size, base_size, mode, seed)
-    if name == 'cifar10':
-        return CIFAR10(root, split, mode == 'train', seed)
-    if name == 'ade20k':
+    if name == "cifar10":
+        return CIFAR10(root, split, mode == "train", seed)
+    if name == "ade20k":
         samples, read_label = ade20k_samples(root, split), read_png_label
-    elif name in ('pascal_voc', 'pascal_aug', 'pcontext'):
+    elif name in ("pascal_voc", "pascal_aug", "pcontext"):
         samples, read_label = voc_samples(name, root, split), read_png_label
-    elif name == 'coco':
+    elif name == "coco":
         samples, read_label = coco_samples(root, split), coco_label
     else:
-        raise ValueError(f'unknown dataset {name!r}')
+        raise ValueError(f"unknown dataset {name!r}")
     return SegmentationDataset(name, samples, read_label, crop_size, base_size, mode, seed)
 
 
@@ -423,28 +425,28 @@ class CIFAR10(torch.utils.data.Dataset):
     """
 
     def __init__(self, root, split, train, seed=0):
-        base = under(root, 'cifar-10-batches-py')
-        names = {'train': [f'data_batch_{i}' for i in range(1, 6)], 'val': ['test_batch'], 'test': ['test_batch']}
+        base = under(root, "cifar-10-batches-py")
+        names = {"train": [f"data_batch_{i}" for i in range(1, 6)], "val": ["test_batch"], "test": ["test_batch"]}
         if split not in names:
-            raise ValueError(f'cifar10 has splits train, val/test, not {split!r}')
+            raise ValueError(f"cifar10 has splits train, val/test, not {split!r}")
         images, labels = [], []
         for path in (base / n for n in names[split]):
             if not path.is_file():
-                raise DataError(f'cifar10: {path} not found; expected ROOT/cifar-10-batches-py/'
-                                '{data_batch_1..5,test_batch}')
+                raise DataError(f"cifar10: {path} not found; expected ROOT/cifar-10-batches-py/"
+                                "{data_batch_1..5,test_batch}")
             try:  # the dataset's own format is a pickle of {b'data': N×3072 uint8, b'labels': [N ints]}
-                with open(path, 'rb') as f:
-                    batch = pickle.load(f, encoding='bytes')
-                images.append(np.asarray(batch[b'data'], np.uint8).reshape(-1, 3, 32, 32))
-                labels.append(np.asarray(batch[b'labels'], np.int64).reshape(-1))
+                with open(path, "rb") as f:
+                    batch = pickle.load(f, encoding="bytes")
+                images.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32))
+                labels.append(np.asarray(batch[b"labels"], np.int64).reshape(-1))
                 if len(images[-1]) != len(labels[-1]) or not np.all((labels[-1] >= 0) & (labels[-1] < 10)):
-                    raise ValueError('labels do not match the images or lie outside 0..9')
+                    raise ValueError("labels do not match the images or lie outside 0..9")
             except Exception as e:  # a damaged pickle can raise almost anything
-                raise DataError(f'cifar10: {path} is not a CIFAR-10 batch ({e!r})') from None
+                raise DataError(f"cifar10: {path} is not a CIFAR-10 batch ({e!r})") from None
         self.images, self.labels = torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
         self.train, self.seed, self.epoch = train, seed, 0
-        info = dataset_info('cifar10')
-        self.classes, self.palette, self.num_classes = info['classes'], info['palette'], info['num_classes']
+        info = dataset_info("cifar10")
+        self.classes, self.palette, self.num_classes = info["classes"], info["palette"], info["num_classes"]
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -478,7 +480,7 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
 
     def __init__(self, num_items, global_batch, rank=0, world_size=1, seed=0, shuffle=True, drop_last=True):
         if global_batch % world_size:
-            raise ValueError(f'global batch {global_batch} is not divisible by {world_size} processes')
+            raise ValueError(f"global batch {global_batch} is not divisible by {world_size} processes")
         self.num_items, self.global_batch, self.rank, self.world_size = num_items, global_batch, rank, world_size
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         self.epoch, self.start_batch = 0, 0
@@ -512,62 +514,97 @@ def shard_indices(num_items, rank, world_size):
 
 # ----------------------------------------------------------------------------------------------
 # The built-in context dataset
+#
+# A generated dataset that makes the paper's point (Sec. 1, Fig. 1 and 4: FCN labels "sand" as "earth"
+# because the class is decided by the scene, not by the pixels). Every image is a wide panorama of a beach
+# or a field. Its ground and water look exactly alike in both scenes, so no local window can label them:
+# they are sand and sea on a beach, earth and lake in a field. What tells the scenes apart are a few small
+# objects, shells on a beach, flowers in a field, and they lie at one end of the panorama only. Labelling
+# the far end therefore takes context from 200+ pixels away: beyond what the dilated FCN's receptive field
+# uses in practice, a single global statistic for the Encoding layer. Ground and water are 4 of the 6
+# classes, so context decides most of the mIoU.
+CONTEXT_HEIGHT, CONTEXT_WIDTH = 64, 320
+CONTEXT_SIZES = {"train": 3000, "val": 500}
+CONTEXT_CLASSES = ["sand", "earth", "sea", "lake", "shell", "flower"]
+CONTEXT_PALETTE = [[194, 178, 128], [120, 80, 50], [0, 80, 160], [70, 170, 210], [245, 245, 245], [220, 30, 60]]
+GROUND_RGB, WATER_RGB = (150, 120, 80), (60, 100, 170)  # the same in both scenes: appearance says nothing
+OBJECT_RGB = ((240, 240, 240), (230, 40, 40))  # shell, flower
+OBJECT_ZONE = 56  # the objects lie within this many pixels of one end
 
-# A generated dataset that makes the paper's point (Sec. 1, Fig. 1 and 4: "sand" vs "earth" is decided by
-# the scene, not by the pixels). Every image is a scene of one of two kinds. Its large regions, ground and
-# water, look exactly alike in both kinds, so no local window can label them; which class they are (sand
-# and sea on a beach, earth and lake in a field) is decided by which kind of small object is in the
-# majority across the whole image (shells vs flowers, 2–4 of each). That is a global statistic: an orderless
-# count over the image, what the Encoding layer aggregates and what a stack of dilated 3×3 convolutions
-# only approximates. The ambiguous regions are 4 of the 6 classes, so they dominate mIoU.
-CONTEXT_IMAGE_SIZE = 96
-CONTEXT_SIZES = {'train': 3000, 'val': 500}
-CONTEXT_CLASSES = ['sand', 'earth', 'sea', 'lake', 'shell', 'flower']
-CONTEXT_PALETTE = [[160, 150, 80], [120, 80, 50], [0, 80, 160], [60, 160, 200], [240, 240, 240], [230, 40, 40]]
-GROUND_RGB, WATER_RGB = (150, 120, 80), (60, 100, 170)  # the same in every scene: appearance says nothing
-CUE_RGB = ((240, 240, 240), (230, 40, 40))  # shell, flower
 
-
-def context_scene(rng, size=CONTEXT_IMAGE_SIZE):
-    """One generated scene → (H×W×3 uint8 image, H×W int64 label)."""
-    scene = rng.integers(2)  # 0 = beach, 1 = field
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    field = sum(rng.uniform(0.5, 1) * np.sin(2 * np.pi * (fx * xx + fy * yy) + phase)
-                for fx, fy, phase in rng.uniform([-2, -2, 0], [2, 2, 2 * np.pi], (4, 3)))
-    water = field > np.median(field)  # two irregular regions of equal area
-    image = np.where(water[..., None], WATER_RGB, GROUND_RGB) + rng.normal(0, 18, (size, size, 3))
+def context_scene(rng):
+    """One generated panorama → (H×W×3 uint8 image, H×W int64 label)."""
+    h, w = CONTEXT_HEIGHT, CONTEXT_WIDTH
+    scene = int(rng.integers(2))  # 0 = beach, 1 = field
+    # ground and water split by a gentle wave across the whole width, water on top or below
+    x = np.arange(w)
+    wave = rng.uniform(2, h / 8) * np.sin(2 * np.pi * x / w * rng.uniform(0.5, 2) + rng.uniform(0, 2 * np.pi))
+    boundary = h / 2 + rng.uniform(-h / 6, h / 6) + wave
+    water = np.arange(h)[:, None] < boundary
+    if rng.random() < 0.5:
+        water = ~water
+    image = np.where(water[..., None], np.float32(WATER_RGB), np.float32(GROUND_RGB))
+    image += 18 * rng.standard_normal((h, w, 3), dtype=np.float32)  # the texture
     label = np.where(water, 2 + scene, scene)
-    counts = rng.integers(2, 5, 2)
-    counts[scene] = counts.max() + rng.integers(1, 3)  # the scene's own object is in the majority
-    yy, xx = np.mgrid[0:size, 0:size]
-    for kind, count in enumerate(counts):
-        for _ in range(count):
-            r = rng.uniform(3, 5)
-            cy, cx = rng.uniform(r, size - r, 2)
-            disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-            image[disc] = np.add(CUE_RGB[kind], rng.normal(0, 10, 3))
-            label[disc] = 4 + kind
+    # 2–4 objects of the scene's kind, not overlapping, in the zone at the left or right end
+    objects, count, left = [], rng.integers(2, 5), rng.random() < 0.5
+    while len(objects) < count:
+        r = rng.uniform(4, 6)
+        cy, cx = rng.uniform(r, h - r), rng.uniform(r, OBJECT_ZONE - r)
+        cx = cx if left else w - cx
+        if all((cy - y) ** 2 + (cx - x0) ** 2 > (r + r0 + 1) ** 2 for y, x0, r0 in objects):
+            objects.append((cy, cx, r))
+    for cy, cx, r in objects:
+        y0, x0 = int(cy - r), int(cx - r)  # draw inside the bounding box only
+        yy, xx = np.mgrid[y0:int(cy + r) + 1, x0:int(cx + r) + 1]
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        image[yy[disc], xx[disc]] = np.add(OBJECT_RGB[scene], rng.normal(0, 10, 3))
+        label[yy[disc], xx[disc]] = 4 + scene
     image *= rng.uniform(0.85, 1.15)  # global brightness: no pixel-exact shortcut
     return np.clip(image, 0, 255).astype(np.uint8), label.astype(np.int64)
 
 
-class ContextDataset(torch.utils.data.Dataset):
-    """The built-in dataset, generated in memory from the split alone (the same images for every seed).
+def context_split(split):
+    """(N×3×H×W uint8 images, N×H×W int64 labels) of one split, generated or read from the cache.
 
-    Training augmentation is a random horizontal flip, plus a random crop when crop_size is below the
-    image size (96: no crop, the default); a random scale is left out, as zooming in could cut away the
-    objects whose majority defines the labels. 'center' cuts the central crop_size square.
+    Generation takes a few seconds; the result is cached under ~/.cache/encnet, keyed by a hash of the
+    generator's source, so an edited generator never meets a stale cache.
+    """
+    key = hashlib.sha1((inspect.getsource(context_scene) + repr(CONTEXT_SIZES)).encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "encnet" / f"context-{split}-{key}.npz"
+    try:
+        with np.load(cache) as stored:
+            return torch.from_numpy(stored["images"]), torch.from_numpy(stored["labels"]).long()
+    except (OSError, ValueError, KeyError):  # absent or damaged: generate
+        pass
+    scenes = [context_scene(np.random.default_rng([{"train": 1, "val": 2}[split], i]))
+              for i in range(CONTEXT_SIZES[split])]
+    images = np.stack([s[0] for s in scenes]).transpose(0, 3, 1, 2).copy()
+    labels = np.stack([s[1] for s in scenes]).astype(np.uint8)
+    try:  # write-then-rename: concurrent processes never read half a file
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, images=images, labels=labels)
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # an unwritable cache only costs the seconds of generation next time
+    return torch.from_numpy(images), torch.from_numpy(labels).long()
+
+
+class ContextDataset(torch.utils.data.Dataset):
+    """The built-in dataset, generated from the split alone (the same images for every seed).
+
+    Images are used whole (64×320): the only training augmentation is a random horizontal flip, since a
+    crop could cut away the objects that define the labels.
     """
 
-    def __init__(self, split, crop_size, mode, seed=0):
-        parts = split.split('+')
+    def __init__(self, split, mode, seed=0):
+        parts = split.split("+")
         if any(p not in CONTEXT_SIZES for p in parts):
-            raise ValueError(f'context has splits train, val (or train+val), not {split!r}')
-        scenes = [context_scene(np.random.default_rng([{'train': 1, 'val': 2}[p], i]))
-                  for p in parts for i in range(CONTEXT_SIZES[p])]
-        self.images = torch.from_numpy(np.stack([s[0] for s in scenes])).permute(0, 3, 1, 2).contiguous()
-        self.labels = torch.from_numpy(np.stack([s[1] for s in scenes]))
-        self.crop_size, self.mode, self.seed, self.epoch = crop_size, mode, seed, 0
+            raise ValueError(f"context has splits train, val (or train+val), not {split!r}")
+        images, labels = zip(*(context_split(p) for p in parts))
+        self.images, self.labels = torch.cat(images), torch.cat(labels)
+        self.mode, self.seed, self.epoch = mode, seed, 0
         self.classes, self.palette, self.num_classes = CONTEXT_CLASSES, CONTEXT_PALETTE, len(CONTEXT_CLASSES)
 
     def set_epoch(self, epoch):
@@ -578,21 +615,13 @@ class ContextDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         image, label = self.images[index], self.labels[index]
-        margin = CONTEXT_IMAGE_SIZE - self.crop_size
-        if self.mode == 'train':
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            if rng.random() < 0.5:
-                image, label = image.flip(2), label.flip(1)
-            y, x = rng.integers(0, margin, 2, endpoint=True)
-        elif self.mode == 'center':
-            y = x = margin // 2
-        else:
-            return image, label
-        crop = (slice(y, y + self.crop_size), slice(x, x + self.crop_size))
-        return image[:, crop[0], crop[1]].contiguous(), label[crop].contiguous()
+        if self.mode == "train" and np.random.default_rng([self.seed, self.epoch, index]).random() < 0.5:
+            image, label = image.flip(2), label.flip(1)
+        return image.contiguous(), label.contiguous()
 
 
 def context_dataset(split, crop_size, base_size, mode, seed):
-    if crop_size > CONTEXT_IMAGE_SIZE:
-        raise ValueError(f'crop size {crop_size} is larger than the context images ({CONTEXT_IMAGE_SIZE} px)')
-    return ContextDataset(split, crop_size, mode, seed)
+    if crop_size != CONTEXT_WIDTH or base_size != CONTEXT_WIDTH:
+        raise ValueError(f"the context images ({CONTEXT_HEIGHT}×{CONTEXT_WIDTH}) are used whole: crop and base size "
+                         f"must be {CONTEXT_WIDTH}, not {crop_size} and {base_size}")
+    return ContextDataset(split, mode, seed)

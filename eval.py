@@ -82,10 +82,14 @@ def per_class_table(metric, classes):
 # ----------------------------------------------------------------------------- inference
 
 def sliding_window_logits(model, image, crop_size, flip=False):
-    """Logits of an image of any size: windows of crop_size at stride 2/3·crop, averaged where
-    they overlap; images smaller than the crop are zero-padded (the normalised mean colour).
-    image: 1×3×H×W normalised → 1×K×H×W."""
+    """Logits of an image of any size: one forward when it fits in a crop_size window, else windows of
+    crop_size at stride 2/3·crop, averaged where they overlap (edges zero-padded, i.e. the normalised
+    mean colour, up to the crop size). image: 1×3×H×W normalised → 1×K×H×W."""
     _, _, h, w = image.shape
+    if h <= crop_size and w <= crop_size:
+        # no padding: the Encoding layer's global statistics would count the padded pixels
+        logits = model(image).float()
+        return (logits + model(image.flip(-1)).float().flip(-1)) / 2 if flip else logits
     ph, pw = max(h, crop_size), max(w, crop_size)
     padded = F.pad(image, (0, pw - w, 0, ph - h))
     stride = max(1, int(crop_size * 2 / 3))

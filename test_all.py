@@ -341,7 +341,7 @@ def write_png(path, label, palette=False):
     path.parent.mkdir(parents=True, exist_ok=True)
     image = Image.fromarray(label.astype(np.uint8))
     if palette:  # VOC's SegmentationClass PNGs are palette images whose indices are the classes
-        image = image.convert('P')
+        image = image.convert("P")
         image.putpalette([v for i in range(256) for v in (i, 255 - i, i // 2)])
     image.save(path)
 
@@ -352,64 +352,64 @@ def blocks(w, h, values):
 
 
 def make_ade(root, label_values=(0, 1, 75, 150), n=3):
-    for split in ('training', 'validation'):
+    for split in ("training", "validation"):
         for i in range(n):
-            write_jpeg(root / 'ADEChallengeData2016' / 'images' / split / f'ADE_{i}.jpg', 40, 30, i)
-            write_png(root / 'ADEChallengeData2016' / 'annotations' / split / f'ADE_{i}.png',
+            write_jpeg(root / "ADEChallengeData2016" / "images" / split / f"ADE_{i}.jpg", 40, 30, i)
+            write_png(root / "ADEChallengeData2016" / "annotations" / split / f"ADE_{i}.png",
                       blocks(40, 30, label_values))
     return root
 
 
 def make_voc(root, year, label_dir, list_dir, list_name, ids, values, palette):
-    base = root / 'VOCdevkit' / year
+    base = root / "VOCdevkit" / year
     for i in ids:
-        write_jpeg(base / 'JPEGImages' / f'{i}.jpg', 40, 30)
-        write_png(base / label_dir / f'{i}.png', blocks(40, 30, values), palette)
-    (base / 'ImageSets' / list_dir).mkdir(parents=True, exist_ok=True)
-    (base / 'ImageSets' / list_dir / f'{list_name}.txt').write_text('\n'.join(ids) + '\n')
+        write_jpeg(base / "JPEGImages" / f"{i}.jpg", 40, 30)
+        write_png(base / label_dir / f"{i}.png", blocks(40, 30, values), palette)
+    (base / "ImageSets" / list_dir).mkdir(parents=True, exist_ok=True)
+    (base / "ImageSets" / list_dir / f"{list_name}.txt").write_text("\n".join(ids) + "\n")
     return root
 
 
 def test_ade20k_labels_and_shapes(tmp_path):
     make_ade(tmp_path)
-    for root in (tmp_path, tmp_path / 'ADEChallengeData2016'):  # the parent or the folder itself
-        dataset = data.get_dataset('ade20k', root, 'val')
+    for root in (tmp_path, tmp_path / "ADEChallengeData2016"):  # the parent or the folder itself
+        dataset = data.get_dataset("ade20k", root, "val")
         assert len(dataset) == 3 and dataset.num_classes == 150 and len(dataset.palette) == 150
         image, label = dataset[0]
         assert image.dtype == torch.uint8 and image.shape == (3, 30, 40) and image.is_contiguous()
         assert label.dtype == torch.int64
         assert torch.equal(label, torch.from_numpy(blocks(40, 30, (-1, 0, 74, 149))))  # 0 → ignore, v → v−1
-    assert len(data.get_dataset('ade20k', tmp_path, 'train+val')) == 6
+    assert len(data.get_dataset("ade20k", tmp_path, "train+val")) == 6
 
 
 def test_voc_aug_and_pcontext_labels(tmp_path):
-    make_voc(tmp_path, 'VOC2012', 'SegmentationClass', 'Segmentation', 'train', ['a', 'b'], (0, 20, 255), True)
-    make_voc(tmp_path, 'VOC2012', 'SegmentationClass', 'Segmentation', 'val', ['c'], (0, 20, 255), True)
-    voc = data.get_dataset('pascal_voc', tmp_path, 'train+val', mode='val')
-    assert len(voc) == 3 and voc.num_classes == 21 and voc.classes[0] == 'background'
+    make_voc(tmp_path, "VOC2012", "SegmentationClass", "Segmentation", "train", ["a", "b"], (0, 20, 255), True)
+    make_voc(tmp_path, "VOC2012", "SegmentationClass", "Segmentation", "val", ["c"], (0, 20, 255), True)
+    voc = data.get_dataset("pascal_voc", tmp_path, "train+val", mode="val")
+    assert len(voc) == 3 and voc.num_classes == 21 and voc.classes[0] == "background"
     assert torch.equal(voc[2][1], torch.from_numpy(blocks(40, 30, (0, 20, -1))))  # palette indices, 255 → ignore
 
-    make_voc(tmp_path, 'VOC2012', 'SegmentationClassAug', 'SegmentationAug', 'train_aug', ['a', 'b', 'c'],
+    make_voc(tmp_path, "VOC2012", "SegmentationClassAug", "SegmentationAug", "train_aug", ["a", "b", "c"],
              (7, 255), False)
-    assert len(data.get_dataset('pascal_aug', tmp_path, 'train_aug')) == 3
-    aug_val = data.get_dataset('pascal_aug', tmp_path, 'val')  # VOC's val list, labels from SegmentationClassAug
+    assert len(data.get_dataset("pascal_aug", tmp_path, "train_aug")) == 3
+    aug_val = data.get_dataset("pascal_aug", tmp_path, "val")  # VOC's val list, labels from SegmentationClassAug
     assert len(aug_val) == 1 and torch.equal(aug_val[0][1], torch.from_numpy(blocks(40, 30, (7, -1))))
 
-    make_voc(tmp_path, 'VOC2010', 'SegmentationClassContext', 'SegmentationContext', 'val', ['d'], (0, 1, 59), False)
-    context = data.get_dataset('pcontext', tmp_path / 'VOCdevkit', 'val')
+    make_voc(tmp_path, "VOC2010", "SegmentationClassContext", "SegmentationContext", "val", ["d"], (0, 1, 59), False)
+    context = data.get_dataset("pcontext", tmp_path / "VOCdevkit", "val")
     assert context.num_classes == 59
     assert torch.equal(context[0][1], torch.from_numpy(blocks(40, 30, (-1, 0, 58))))  # background → ignore
 
 
 def test_item_modes(tmp_path):
     make_ade(tmp_path)
-    for mode, shape in (('train', (24, 24)), ('center', (24, 24)), ('val', (30, 40))):
-        image, label = data.get_dataset('ade20k', tmp_path, 'train', crop_size=24, base_size=40, mode=mode)[1]
+    for mode, shape in (("train", (24, 24)), ("center", (24, 24)), ("val", (30, 40))):
+        image, label = data.get_dataset("ade20k", tmp_path, "train", crop_size=24, base_size=40, mode=mode)[1]
         assert image.shape == (3, *shape) and image.dtype == torch.uint8 and image.is_contiguous()
         assert label.shape == shape and label.dtype == torch.int64
         assert label.min() >= -1 and label.max() <= 149
-    assert data.get_dataset('ade20k', tmp_path, 'val').mode == 'val'
-    assert data.get_dataset('ade20k', tmp_path, 'train').mode == 'train'
+    assert data.get_dataset("ade20k", tmp_path, "val").mode == "val"
+    assert data.get_dataset("ade20k", tmp_path, "train").mode == "train"
 
 
 def coordinate_image(w, h):
@@ -424,7 +424,7 @@ def test_augment_is_an_exact_crop_at_scale_one():
     for seed in range(12):
         out, out_label = data.augment_train(image, label, np.random.default_rng(seed), 64, 120,
                                             scale_range=(1, 1), max_rotation=0)
-        assert out.size == out_label.size == (64, 64) and out.mode == 'RGB' and out_label.mode == 'L'
+        assert out.size == out_label.size == (64, 64) and out.mode == "RGB" and out_label.mode == "L"
         r, g = np.asarray(out)[0, 0, :2].astype(int)
         flipped = np.asarray(out)[0, 1, 0] < r
         source_image, source_label = (ImageOps.mirror(image), ImageOps.mirror(label)) if flipped else (image, label)
@@ -445,7 +445,7 @@ def test_augment_pads_with_zero_and_ignore(tmp_path):
     assert (out[30:] == 0).all() and (out[:, 40:] == 0).all()
 
     make_ade(tmp_path)  # through the dataset: the long side is at most 2·20 = 40 < 48, so always padded
-    image, label = data.get_dataset('ade20k', tmp_path, 'train', crop_size=48, base_size=20)[0]
+    image, label = data.get_dataset("ade20k", tmp_path, "train", crop_size=48, base_size=20)[0]
     assert (label[-1] == -1).all() and (label[:, -1] == -1).all() and (image[:, -1] == 0).all()
     assert (label >= 0).any()
 
@@ -477,14 +477,14 @@ def test_augment_matches_the_sequential_pipeline():
 
 def test_jpeg_draft_keeps_the_geometry(tmp_path):
     """A JPEG decoded at reduced size (scale ≤ 1/2) lands where the fully decoded one does."""
-    write_jpeg(tmp_path / 'big.jpg', 400, 300)
-    label = Image.new('L', (400, 300))
+    write_jpeg(tmp_path / "big.jpg", 400, 300)
+    label = Image.new("L", (400, 300))
     reduced = 0
     for seed in range(4):  # long side 80..320 of 400: some draws decode at 1/2 or 1/4
-        lazy = Image.open(tmp_path / 'big.jpg')
+        lazy = Image.open(tmp_path / "big.jpg")
         out, _ = data.augment_train(lazy, label, np.random.default_rng(seed), 96, 160)
         reduced += lazy.size != (400, 300)
-        full = Image.open(tmp_path / 'big.jpg').convert('RGB')  # already decoded: no reduction possible
+        full = Image.open(tmp_path / "big.jpg").convert("RGB")  # already decoded: no reduction possible
         full, _ = data.augment_train(full, label, np.random.default_rng(seed), 96, 160)
         assert np.abs(np.asarray(out, float) - np.asarray(full, float)).mean() < 3
     assert reduced
@@ -492,7 +492,7 @@ def test_jpeg_draft_keeps_the_geometry(tmp_path):
 
 def test_items_are_deterministic_and_worker_independent(tmp_path):
     make_ade(tmp_path, n=6)
-    dataset = data.get_dataset('ade20k', tmp_path, 'train', crop_size=24, base_size=40, seed=3)
+    dataset = data.get_dataset("ade20k", tmp_path, "train", crop_size=24, base_size=40, seed=3)
     first = dataset[2]
     assert all(torch.equal(a, b) for a, b in zip(first, dataset[2]))
     dataset.set_epoch(1)
@@ -551,39 +551,39 @@ def test_normalize_values_and_channels_last():
 
 
 def test_missing_root_names_path_and_layout(tmp_path):
-    with pytest.raises(data.DataError, match='nowhere.*expected ROOT/ADEChallengeData2016'):
-        data.get_dataset('ade20k', tmp_path / 'nowhere', 'train')
-    with pytest.raises(data.DataError, match='nowhere.*VOCdevkit/VOC2010'):
-        data.get_dataset('pcontext', tmp_path / 'nowhere', 'train')
-    with pytest.raises(data.DataError, match='cifar-10-batches-py'):
-        data.get_dataset('cifar10', tmp_path, 'train')
+    with pytest.raises(data.DataError, match="nowhere.*expected ROOT/ADEChallengeData2016"):
+        data.get_dataset("ade20k", tmp_path / "nowhere", "train")
+    with pytest.raises(data.DataError, match="nowhere.*VOCdevkit/VOC2010"):
+        data.get_dataset("pcontext", tmp_path / "nowhere", "train")
+    with pytest.raises(data.DataError, match="cifar-10-batches-py"):
+        data.get_dataset("cifar10", tmp_path, "train")
 
 
 def test_bad_files_raise_data_error_naming_them(tmp_path):
     make_ade(tmp_path)
-    images = tmp_path / 'ADEChallengeData2016' / 'images' / 'training'
-    labels = tmp_path / 'ADEChallengeData2016' / 'annotations' / 'training'
-    jpeg = (images / 'ADE_0.jpg').read_bytes()
-    (images / 'ADE_0.jpg').write_bytes(jpeg[:len(jpeg) // 2])
-    write_png(labels / 'ADE_1.png', blocks(41, 30, (1,)))
-    write_png(labels / 'ADE_2.png', blocks(40, 30, (3, 151)))
-    dataset = data.get_dataset('ade20k', tmp_path, 'train', crop_size=24, base_size=40)
-    with pytest.raises(data.DataError, match='(?i)ADE_0.jpg.*truncated'):
+    images = tmp_path / "ADEChallengeData2016" / "images" / "training"
+    labels = tmp_path / "ADEChallengeData2016" / "annotations" / "training"
+    jpeg = (images / "ADE_0.jpg").read_bytes()
+    (images / "ADE_0.jpg").write_bytes(jpeg[:len(jpeg) // 2])
+    write_png(labels / "ADE_1.png", blocks(41, 30, (1,)))
+    write_png(labels / "ADE_2.png", blocks(40, 30, (3, 151)))
+    dataset = data.get_dataset("ade20k", tmp_path, "train", crop_size=24, base_size=40)
+    with pytest.raises(data.DataError, match="(?i)ADE_0.jpg.*truncated"):
         dataset[0]
-    with pytest.raises(data.DataError, match=r'ADE_1.png.*41×30.*40×30'):
+    with pytest.raises(data.DataError, match=r"ADE_1.png.*41×30.*40×30"):
         dataset[1]
-    with pytest.raises(data.DataError, match='ADE_2.png.*value 151'):
+    with pytest.raises(data.DataError, match="ADE_2.png.*value 151"):
         dataset[2]
-    (labels / 'ADE_2.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'garbage' * 10)
-    with pytest.raises(data.DataError, match='ADE_2.png'):
+    (labels / "ADE_2.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    with pytest.raises(data.DataError, match="ADE_2.png"):
         dataset[2]
 
-    make_voc(tmp_path, 'VOC2012', 'SegmentationClass', 'Segmentation', 'train', ['a'], (0,), True)
-    (tmp_path / 'VOCdevkit/VOC2012/ImageSets/Segmentation/train.txt').write_text('a\nmissing_id\n')
-    with pytest.raises(data.DataError, match='missing_id.jpg'):
-        data.get_dataset('pascal_voc', tmp_path, 'train')
-    with pytest.raises(data.DataError, match='val.txt'):
-        data.get_dataset('pascal_voc', tmp_path, 'val')
+    make_voc(tmp_path, "VOC2012", "SegmentationClass", "Segmentation", "train", ["a"], (0,), True)
+    (tmp_path / "VOCdevkit/VOC2012/ImageSets/Segmentation/train.txt").write_text("a\nmissing_id\n")
+    with pytest.raises(data.DataError, match="missing_id.jpg"):
+        data.get_dataset("pascal_voc", tmp_path, "train")
+    with pytest.raises(data.DataError, match="val.txt"):
+        data.get_dataset("pascal_voc", tmp_path, "val")
 
 
 def rle_counts(mask):
@@ -604,12 +604,12 @@ def rle_string(counts):
             chars.append(chr(c + 48 + (0x20 if more else 0)))
             if not more:
                 break
-    return ''.join(chars)
+    return "".join(chars)
 
 
 def test_rle_string_decoding():
-    assert data.rle_string_counts('537OM') == [5, 3, 7, 2, 4]  # worked by hand: a negative delta at i ≥ 3
-    assert data.rle_string_counts('T3') == [100]
+    assert data.rle_string_counts("537OM") == [5, 3, 7, 2, 4]  # worked by hand: a negative delta at i ≥ 3
+    assert data.rle_string_counts("T3") == [100]
     counts = [17, 250, 3, 4000, 1, 70000]
     assert data.rle_string_counts(rle_string(counts)) == counts
 
@@ -622,65 +622,65 @@ def rectangle(x0, y0, x1, y1, w=60, h=50):
 
 def make_coco(root):
     def image(i):
-        write_jpeg(root / 'train2017' / f'{i:012d}.jpg', 60, 50, i)
-        return {'id': i, 'file_name': f'{i:012d}.jpg', 'height': 50, 'width': 60}
+        write_jpeg(root / "train2017" / f"{i:012d}.jpg", 60, 50, i)
+        return {"id": i, "file_name": f"{i:012d}.jpg", "height": 50, "width": 60}
     crowd = rectangle(30, 20, 55, 40)  # overlaps the polygon, which comes first and keeps its pixels
     annotations = [
-        {'image_id': 1, 'category_id': 1, 'segmentation': [[5, 5, 44, 5, 44, 34, 5, 34]]},  # person → 15, 1,200 px
-        {'image_id': 1, 'category_id': 2, 'iscrowd': 1, 'segmentation': {'size': [50, 60], 'counts': rle_counts(crowd)}},
-        {'image_id': 1, 'category_id': 90, 'segmentation': [[0, 40, 20, 40, 20, 49, 0, 49]]},  # not VOC → background
-        {'image_id': 2, 'category_id': 3,  # car → 7, compressed RLE, 1,500 px
-         'segmentation': {'size': [50, 60], 'counts': rle_string(rle_counts(rectangle(10, 10, 60, 40)))}},
-        {'image_id': 3, 'category_id': 1, 'segmentation': [[0, 0, 9, 0, 9, 9, 0, 9]]},  # 100 px: not selected
-        {'image_id': 4, 'category_id': 90, 'segmentation': [[0, 0, 50, 0, 50, 40, 0, 40]]},
+        {"image_id": 1, "category_id": 1, "segmentation": [[5, 5, 44, 5, 44, 34, 5, 34]]},  # person → 15, 1,200 px
+        {"image_id": 1, "category_id": 2, "iscrowd": 1, "segmentation": {"size": [50, 60], "counts": rle_counts(crowd)}},
+        {"image_id": 1, "category_id": 90, "segmentation": [[0, 40, 20, 40, 20, 49, 0, 49]]},  # not VOC → background
+        {"image_id": 2, "category_id": 3,  # car → 7, compressed RLE, 1,500 px
+         "segmentation": {"size": [50, 60], "counts": rle_string(rle_counts(rectangle(10, 10, 60, 40)))}},
+        {"image_id": 3, "category_id": 1, "segmentation": [[0, 0, 9, 0, 9, 9, 0, 9]]},  # 100 px: not selected
+        {"image_id": 4, "category_id": 90, "segmentation": [[0, 0, 50, 0, 50, 40, 0, 40]]},
     ]
-    (root / 'annotations').mkdir(parents=True)
-    instances = {'images': [image(i) for i in (1, 2, 3, 4)], 'annotations': annotations}
-    (root / 'annotations' / 'instances_train2017.json').write_text(json.dumps(instances))
+    (root / "annotations").mkdir(parents=True)
+    instances = {"images": [image(i) for i in (1, 2, 3, 4)], "annotations": annotations}
+    (root / "annotations" / "instances_train2017.json").write_text(json.dumps(instances))
     return root
 
 
 def test_coco_to_voc(tmp_path, capsys):
     make_coco(tmp_path)
-    dataset = data.get_dataset('coco', tmp_path, 'train', mode='val')
-    assert len(dataset) == 2 and dataset.num_classes == 21 and dataset.classes[15] == 'person'
+    dataset = data.get_dataset("coco", tmp_path, "train", mode="val")
+    assert len(dataset) == 2 and dataset.num_classes == 21 and dataset.classes[15] == "person"
     expected = np.zeros((50, 60), np.int64)
     expected[rectangle(30, 20, 55, 40)] = 2
     expected[rectangle(5, 5, 45, 35)] = 15
     assert torch.equal(dataset[0][1], torch.from_numpy(expected))
     assert torch.equal(dataset[1][1], torch.from_numpy(rectangle(10, 10, 60, 40) * 7))
 
-    cache = tmp_path / 'annotations' / 'encnet_voc_index_train2017.json'
-    assert json.loads(cache.read_text())['ids'] == [1, 2]
-    cache.write_text(json.dumps({**json.loads(cache.read_text()), 'ids': [2]}))  # a reused cache is believed
-    assert len(data.get_dataset('coco', tmp_path, 'train')) == 1
+    cache = tmp_path / "annotations" / "encnet_voc_index_train2017.json"
+    assert json.loads(cache.read_text())["ids"] == [1, 2]
+    cache.write_text(json.dumps({**json.loads(cache.read_text()), "ids": [2]}))  # a reused cache is believed
+    assert len(data.get_dataset("coco", tmp_path, "train")) == 1
 
     cache.unlink()
     cache.mkdir()  # the cache path cannot be written: say so and go on
-    assert len(data.get_dataset('coco', tmp_path, 'train')) == 2
-    assert 'encnet_voc_index_train2017.json' in capsys.readouterr().err
+    assert len(data.get_dataset("coco", tmp_path, "train")) == 2
+    assert "encnet_voc_index_train2017.json" in capsys.readouterr().err
 
 
 def write_cifar(base, n=4):
     base.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
-        batch = {b'data': rng.integers(0, 256, (n, 3072), np.uint8), b'labels': list(rng.integers(0, 10, n))}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), np.uint8), b"labels": list(rng.integers(0, 10, n))}
         (base / name).write_bytes(pickle.dumps(batch))
 
 
 def test_cifar10(tmp_path):
-    write_cifar(tmp_path / 'cifar-10-batches-py')
-    train = data.get_dataset('cifar10', tmp_path, 'train')
-    test = data.get_dataset('cifar10', tmp_path / 'cifar-10-batches-py', 'test')
+    write_cifar(tmp_path / "cifar-10-batches-py")
+    train = data.get_dataset("cifar10", tmp_path, "train")
+    test = data.get_dataset("cifar10", tmp_path / "cifar-10-batches-py", "test")
     assert len(train) == 20 and len(test) == 4 and train.num_classes == 10
-    stored = pickle.loads((tmp_path / 'cifar-10-batches-py' / 'test_batch').read_bytes())
+    stored = pickle.loads((tmp_path / "cifar-10-batches-py" / "test_batch").read_bytes())
     image, label = test[1]
     assert image.dtype == torch.uint8 and image.shape == (3, 32, 32) and label.dtype == torch.int64
-    assert label.ndim == 0 and label == stored[b'labels'][1]
-    assert np.array_equal(image.numpy().ravel(), stored[b'data'][1])
+    assert label.ndim == 0 and label == stored[b"labels"][1]
+    assert np.array_equal(image.numpy().ravel(), stored[b"data"][1])
 
-    original = data.get_dataset('cifar10', tmp_path, 'train', mode='val')[7][0]
+    original = data.get_dataset("cifar10", tmp_path, "train", mode="val")[7][0]
     padded = torch.nn.functional.pad(original, (4, 4, 4, 4))
     windows = {(x, y, f) for x in range(9) for y in range(9) for f in (0, 1)}
     seen = set()
@@ -694,16 +694,16 @@ def test_cifar10(tmp_path):
         seen.add(match[0])
     assert len(seen) > 1
 
-    (tmp_path / 'cifar-10-batches-py' / 'data_batch_3').write_bytes(b'\x80\x04garbage')
-    with pytest.raises(data.DataError, match='data_batch_3'):
-        data.get_dataset('cifar10', tmp_path, 'train')
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(data.DataError, match="data_batch_3"):
+        data.get_dataset("cifar10", tmp_path, "train")
 
 
 def test_dataset_info():
-    assert data.dataset_info('ade20k')['num_classes'] == 150
-    assert data.dataset_info('pascal_aug') == data.dataset_info('pascal_voc')
-    cifar = data.dataset_info('cifar10')
-    assert cifar['num_classes'] == 10 and len({tuple(c) for c in cifar['palette']}) == 10
+    assert data.dataset_info("ade20k")["num_classes"] == 150
+    assert data.dataset_info("pascal_aug") == data.dataset_info("pascal_voc")
+    cifar = data.dataset_info("cifar10")
+    assert cifar["num_classes"] == 10 and len({tuple(c) for c in cifar["palette"]}) == 10
 
 
 # ----------------------------------------------------------------------------- encnet.py
@@ -900,3 +900,338 @@ def test_models_under_channels_last_bf16_and_compile():
     compiled = torch.compile(tiny(encnet.EncNet).train(), backend="aot_eager")
     out = compiled(images)
     encnet.seg_loss(out, torch.randint(0, 5, (2, 32, 32)), 5)[0].backward()
+
+
+# ----------------------------------------------------------------------------- train_seg.py and eval.py
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import eval as seg_eval  # noqa: E402  (`eval` shadows the builtin)
+import train_seg  # noqa: E402
+
+TINY = ["--width", "8", "--head-width", "16", "--batch-size", "4", "--log-every", "0"]
+
+
+def run(script, *args, nproc=0, env=None, timeout=300, check=True):
+    """Run a script of the repo as a user would (under torchrun when nproc > 0)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_port", str(free_port())] if nproc else [sys.executable]
+    result = subprocess.run(launcher + [script, *map(str, args)], cwd=HERE, capture_output=True, text=True,
+                            timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def weights(out_dir):
+    return train_seg.load_checkpoint(os.path.join(out_dir, "checkpoint.pth"))["model"]
+
+
+def assert_same_weights(a, b, exact=True, rtol=1e-4, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
+
+
+def test_train_seg_end_to_end_single_process(tmp_path):
+    out = tmp_path / "run"
+    result = run("train_seg.py", *TINY, "--max-iters", 3, "--out", out)
+    assert "final: pixAcc" in result.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"pixAcc", "mIoU"} and 0 <= results["mIoU"] <= results["pixAcc"] <= 1
+    checkpoint = train_seg.load_checkpoint(out / "checkpoint.pth")
+    assert {"model", "optimizer", "iter", "epoch", "args"} <= checkpoint.keys()
+    assert checkpoint["iter"] == 3 and checkpoint["args"]["model"] == "encnet"
+    assert all(isinstance(v, (str, int, float, bool, list, type(None))) for v in checkpoint["args"].values())
+    assert (out / "per_class_iou.txt").read_text().count("\n") == 6 + 2
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out)).Reload()
+    scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
+    assert {"train/loss", "train/seg", "train/se", "train/lr", "train/images_per_s", "val/pixAcc", "val/mIoU"} <= scalars
+    assert len(events.Scalars("train/loss")) == 3 and images
+
+
+
+def test_two_processes_compute_the_single_process_steps(tmp_path):
+    # 2 processes × 2 images = 1 process × 4 images: SyncBatchNorm, sharded batches, global pixel count
+    args = [*TINY, "--max-iters", 3, "--dropout", 0, "--aux"]
+    run("train_seg.py", *args, "--out", tmp_path / "one")
+    run("train_seg.py", *args, "--out", tmp_path / "two", nproc=2)
+    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), exact=False)
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert abs(one["mIoU"] - two["mIoU"]) < 1e-3  # evaluation sharded over both processes, then reduced
+
+
+def test_two_torchrun_agents_on_loopback(tmp_path):
+    # multi-node: two torchrun agents (one process each) meeting through the c10d rendezvous
+    port = free_port()
+    args = [*TINY, "--max-iters", 2, "--dropout", 0, "--out", tmp_path / "nodes"]
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+                                "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "encnet-test",
+                                "--rdzv-endpoint", f"127.0.0.1:{port}", "train_seg.py", *map(str, args)],
+                               cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
+    logs = [a.communicate(timeout=300)[0] for a in agents]
+    assert all(a.returncode == 0 for a in agents), logs
+    run("train_seg.py", *TINY, "--max-iters", 2, "--dropout", 0, "--out", tmp_path / "one")
+    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "nodes"), exact=False)
+
+
+def test_resume_after_sigkill_gives_the_uninterrupted_weights(tmp_path):
+    args = [*TINY, "--max-iters", 6, "--save-every", 2]
+    run("train_seg.py", *args, "--out", tmp_path / "straight")
+    # killed (SIGKILL) in the middle of an epoch, after the checkpoint of iteration 2
+    killed = run("train_seg.py", *args, "--out", tmp_path / "killed", "--fail-at-iter", 3, check=False)
+    assert killed.returncode == -9
+    assert train_seg.load_checkpoint(tmp_path / "killed" / "checkpoint.pth")["iter"] == 2
+    run("train_seg.py", *args, "--out", tmp_path / "killed", "--resume")
+    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "killed"))
+
+
+def test_kill_at_a_random_moment_and_while_writing_a_checkpoint(tmp_path):
+    args = [*TINY, "--max-iters", 8, "--save-every", 1]
+    run("train_seg.py", *args, "--out", tmp_path / "straight")
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "train_seg.py", *map(str, args), "--out", str(out)], cwd=HERE,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    import time
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pth").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere in iterations 1–8, saving every iteration
+    process.kill()
+    process.wait()
+    # the checkpoint on disk is complete, whatever the moment of the kill
+    assert train_seg.load_checkpoint(out / "checkpoint.pth")["iter"] >= 1
+
+    # a kill in the middle of torch.save: the previous checkpoint survives intact
+    before = (out / "checkpoint.pth").read_bytes()
+    crash = ("import os, torch, train_seg\n"
+             "def dying_save(obj, f):\n"
+             "    f.write(b'half a checkpoint')\n"
+             "    f.flush()\n"
+             "    os.kill(os.getpid(), 9)\n"
+             "torch.save = dying_save\n"
+             f"train_seg.save_checkpoint({{'model': {{}}}}, {str(out / 'checkpoint.pth')!r})\n")
+    assert subprocess.run([sys.executable, "-c", crash], cwd=HERE).returncode == -9
+    assert (out / "checkpoint.pth").read_bytes() == before
+    assert (out / "checkpoint.pth.tmp").exists()
+
+    run("train_seg.py", *args, "--out", out, "--resume")
+    assert_same_weights(weights(tmp_path / "straight"), weights(out))
+
+
+def test_elastic_restart_resumes_by_itself(tmp_path):
+    args = [*TINY, "--max-iters", 5, "--save-every", 2, "--dropout", 0]
+    run("train_seg.py", *args, "--out", tmp_path / "straight", nproc=2)
+    # rank 0 SIGKILLs itself at iteration 3 on the first attempt; torchrun restarts both workers,
+    # which find the checkpoint of iteration 2 and continue without --resume
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--max-restarts", "1", "--master_port", str(free_port()), "train_seg.py",
+                             *map(str, args), "--out", str(tmp_path / "elastic"), "--fail-at-iter", "3"],
+                            cwd=HERE, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "from 2" in result.stdout  # the restarted job began at the checkpoint, not at 0
+    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "elastic"))
+
+
+@pytest.mark.parametrize("flags,env,message", [
+    (["--out", "{tmp}/file.txt/sub"], {}, "--out .* is not writable"),
+    (["--data", "ade20k"], {}, "--data ade20k needs --data-root"),
+    (["--data", "ade20k", "--data-root", "{tmp}/nowhere"], {}, "--data-root .*nowhere does not exist"),
+    (["--data", "ade20k", "--data-root", "{tmp}"], {}, "ade20k: .*ADEChallengeData2016"),
+    (["--resume", "--out", "{tmp}/empty"], {}, "--resume: no checkpoint at"),
+    (["--batch-size", "5"], {"WORLD_SIZE": "2"}, "--batch-size 5 is not divisible by the 2 processes"),
+    (["--crop-size", "400"], {}, r"--crop-size 400 --base-size 320: the built-in images \(64×320\) are used whole"),
+    (["--resume", "--init", "x.pth"], {}, "--resume and --init contradict"),
+])
+def test_bad_flags_get_one_clear_message(tmp_path, flags, env, message):
+    (tmp_path / "file.txt").write_text("")
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    if "--out" not in flags:
+        flags += ["--out", str(tmp_path / "out")]
+    result = run("train_seg.py", *flags, env=env, check=False)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    import re
+    assert re.search(message, result.stderr), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_checkpoint_with_code_is_refused_and_mismatches_are_named(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {}, "args": {}, "payload": Payload()}, evil)
+    result = run("eval.py", "--checkpoint", evil, check=False)
+    assert result.returncode != 0 and "refused to load" in result.stderr and "Traceback" not in result.stderr
+    assert not marker.exists()  # nothing of the file's code ran
+    result = run("train_seg.py", *TINY, "--max-iters", 1, "--init", evil, "--out", tmp_path / "x", check=False)
+    assert result.returncode != 0 and "refused to load" in result.stderr and not marker.exists()
+
+    # a checkpoint of another model / class count: an error naming the mismatch
+    run("train_seg.py", *TINY, "--max-iters", 1, "--model", "fcn", "--out", tmp_path / "fcn")
+    result = run("train_seg.py", *TINY, "--max-iters", 1, "--init", tmp_path / "fcn" / "checkpoint.pth",
+                 "--out", tmp_path / "enc", check=False)
+    assert result.returncode != 0 and "does not fit this model" in result.stderr and "enc_module" in result.stderr
+    model = encnet.FCN(3, "resnet18", width=8, head_width=16)
+    with pytest.raises(ValueError, match=r"head.3.weight: \(6, 16, 1, 1\) in the checkpoint, \(3, 16, 1, 1\) here"):
+        train_seg.load_model_weights(model, weights(tmp_path / "fcn"), "fcn/checkpoint.pth")
+    result = run("train_seg.py", *TINY, "--max-iters", 1, "--model", "fcn", "--lr", 0.5, "--resume",
+                 "--out", tmp_path / "fcn", check=False)
+    assert result.returncode != 0 and "--lr 0.02 in the checkpoint, 0.5 now" in result.stderr
+
+
+def test_divergence_stops_with_the_iteration_and_loss_terms(tmp_path):
+    out = tmp_path / "run"
+    result = run("train_seg.py", *TINY, "--max-iters", 6, "--save-every", 1, "--lr", 1e12, "--out", out,
+                 check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    import re
+    found = re.search(r"non-finite (loss|gradient) at iteration (\d+)", result.stderr)
+    assert found, result.stderr
+    failed_at = int(found.group(2))
+    if found.group(1) == "loss":
+        assert "seg" in result.stderr and "se" in result.stderr
+    # the last checkpoint is the one before the failing iteration, untouched and loadable
+    saved = train_seg.load_checkpoint(out / "checkpoint.pth") if failed_at > 0 else None
+    assert saved is None or saved["iter"] == failed_at
+
+
+def test_amp_runs_every_step(tmp_path):
+    run("train_seg.py", *TINY, "--max-iters", 2, "--amp", "--channels-last", "--out", tmp_path / "amp")
+    checkpoint = train_seg.load_checkpoint(tmp_path / "amp" / "checkpoint.pth")
+    assert checkpoint["iter"] == 2 and checkpoint["optimizer"]["state"]  # no skipped step
+
+
+def test_metric_conventions_against_a_direct_computation():
+    torch.manual_seed(0)
+    target = torch.randint(-1, 4, (3, 7, 9))
+    pred = torch.randint(0, 4, (3, 7, 9))
+    pred[target == 3] = 0  # class 3 is never predicted
+    metric = seg_eval.SegMetric(5)
+    metric.update(pred[:2], target[:2])
+    metric.update(pred[2:], target[2:])  # accumulated over the split, not averaged per image
+    valid = target != -1
+    pix_acc = (pred[valid] == target[valid]).float().mean().item()
+    ious = []
+    for c in range(5):
+        inter = ((pred == c) & (target == c) & valid).sum().item()
+        union = (((pred == c) & valid) | (target == c)).sum().item()
+        if union:  # class 4 occurs nowhere: left out of the mean
+            ious.append(inter / union)
+    got_acc, got_miou = metric.pixacc_miou()
+    assert abs(got_acc - pix_acc) < 1e-12 and abs(got_miou - sum(ious) / len(ious)) < 1e-12
+    assert metric.iou()[3] == 0 and metric.iou()[4].isnan()
+    with pytest.raises(ValueError):
+        metric.update(torch.zeros(2, 2, dtype=torch.long), torch.full((2, 2), 5))
+
+
+def test_sliding_window_and_multi_scale_on_a_tiny_model():
+    torch.manual_seed(0)
+    model = tiny(encnet.FCN, 4).eval()
+    image = torch.randn(1, 3, 50, 70)
+    # windows of 32 at stride 21 on a 50×70 image: overlaps averaged, each pixel covered
+    logits = seg_eval.sliding_window_logits(model, image, 32)
+    assert logits.shape == (1, 4, 50, 70)
+    # an image that fits in one window is one plain forward, unpadded
+    torch.testing.assert_close(seg_eval.sliding_window_logits(model, image, 80), model(image))
+    # windows average where they overlap: with a model that ignores its input, every pixel gets the bias
+    constant = torch.nn.Conv2d(3, 4, 1)
+    with torch.no_grad():
+        constant.weight.zero_()
+    torch.testing.assert_close(seg_eval.sliding_window_logits(constant, image, 32),
+                               constant.bias.view(1, 4, 1, 1).expand(1, 4, 50, 70))
+    probs = seg_eval.predict(model, image, 32, 48, scales=seg_eval.MULTI_SCALES, flip=True)
+    assert probs.shape == (1, 4, 50, 70)
+    torch.testing.assert_close(probs.sum(1), torch.ones(1, 50, 70))
+
+
+def test_eval_cli_and_image_prediction(tmp_path):
+    run("train_seg.py", *TINY, "--max-iters", 2, "--out", tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoint.pth"
+    result = run("eval.py", "--checkpoint", checkpoint)
+    assert re_search(r"context val: pixAcc 0\.\d+ mIoU 0\.\d+", result.stdout)
+    result = run("eval.py", "--checkpoint", checkpoint, "--multi-scale")
+    assert "multi-scale" in result.stdout
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (45, 61, 3), np.uint8)).save(images / "a.jpg")
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (130, 90, 3), np.uint8)).save(images / "b.png")
+    run("eval.py", "--checkpoint", checkpoint, "--images", images, "--out", tmp_path / "pred")
+    palette = {tuple(c) for c in data.CONTEXT_PALETTE}
+    for name, size in (("a", (61, 45)), ("b", (90, 130))):
+        colour = Image.open(tmp_path / "pred" / f"{name}.png")
+        assert colour.size == size and colour.mode == "RGB"
+        assert {c for _, c in colour.getcolors(1 << 16)} <= palette
+        assert Image.open(tmp_path / "pred" / f"{name}_overlay.jpg").size == size
+    run("eval.py", "--checkpoint", checkpoint, "--images", images / "a.jpg", "--label-png", "--out", tmp_path / "ids")
+    ids = np.asarray(Image.open(tmp_path / "ids" / "a.png"))
+    assert ids.shape == (45, 61) and ids.max() < 6
+    result = run("eval.py", "--checkpoint", checkpoint, "--images", tmp_path / "missing.jpg", check=False)
+    assert result.returncode != 0 and "missing.jpg" in result.stderr
+
+
+def re_search(pattern, text):
+    import re
+    return re.search(pattern, text)
+
+
+# ----------------------------------------------------------------------------- train_cifar.py
+
+def write_learnable_cifar(root, per_batch=64, test=100):
+    """A CIFAR-10 fixture in the pickle layout whose classes are learnable in an epoch: each class
+    has its own colour, under noise."""
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 256, (10, 3))
+    for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", test)]:
+        labels = rng.integers(0, 10, n)
+        images = colours[labels][:, :, None, None] + rng.normal(0, 40, (n, 3, 32, 32))
+        batch = {b"data": np.clip(images, 0, 255).astype(np.uint8).reshape(n, 3072), b"labels": labels.tolist()}
+        (base / name).write_bytes(pickle.dumps(batch))
+    return root
+
+
+def test_train_cifar_learns_and_resumes(tmp_path):
+    root = write_learnable_cifar(tmp_path / "data")
+    args = ["--model", "encnet16k64d", "--data-root", root, "--epochs", 2, "--batch-size", 32, "--lr", 0.05,
+            "--workers", 0, "--log-every", 0, "--save-every", 3]
+    result = run("train_cifar.py", *args, "--out", tmp_path / "straight")
+    top1 = json.loads((tmp_path / "straight" / "results.json").read_text())["top1"]
+    assert top1 > 0.5, result.stdout  # chance is 0.1
+    killed = run("train_cifar.py", *args, "--out", tmp_path / "killed", "--fail-at-iter", 7, check=False)
+    assert killed.returncode == -9
+    run("train_cifar.py", *args, "--out", tmp_path / "killed", "--resume")
+    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "killed"))  # EncodingDrop included
+    assert json.loads((tmp_path / "killed" / "results.json").read_text())["top1"] == top1
+
+    (root / "cifar-10-batches-py" / "test_batch").write_bytes(b"not a pickle")
+    result = run("train_cifar.py", *args, "--out", tmp_path / "bad", check=False)
+    assert result.returncode != 0 and "test_batch" in result.stderr and "Traceback" not in result.stderr
+    result = run("train_cifar.py", *args[:2], "--data-root", tmp_path / "nowhere", check=False)
+    assert result.returncode != 0 and "nowhere" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_quick_runs_every_section(tmp_path):
+    out = tmp_path / "bench.json"
+    run("bench.py", "--quick", "--json", out, "--only", "encoding", "--only", "models", "--only", "data",
+        "--only", "syncbn", "--only", "train", "--only", "gpu", timeout=600)
+    results = json.loads(out.read_text())
+    assert results["encoding"]["x_vs_six_matmuls"] > 0 and results["data"]["speedup"] > 0
+    assert results["syncbn"]["sync_collectives_per_step"] == 2 and results["syncbn"]["local_collectives_per_step"] == 0
+    assert results["models"]["flops_overhead_pct"] > 0

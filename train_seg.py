@@ -31,17 +31,22 @@ from syncbn import convert_sync_batchnorm
 # is sized so that `python train_seg.py` finishes in under 10 minutes on 2 CPU cores.
 DEFAULTS = {
     "ade20k": dict(lr=0.01, epochs=120, batch_size=16, crop_size=480, base_size=520,
-                   backbone="resnet50", pretrained="imagenet", width=64, head_width=512, workers=8),
+                   backbone="resnet50", pretrained="imagenet", width=64, head_width=512, head_lr_mult=1.0,
+                   workers=8),
     "pcontext": dict(lr=0.001, epochs=50, batch_size=16, crop_size=480, base_size=520,
-                     backbone="resnet50", pretrained="imagenet", width=64, head_width=512, workers=8),
+                     backbone="resnet50", pretrained="imagenet", width=64, head_width=512, head_lr_mult=1.0,
+                   workers=8),
     "pascal_voc": dict(lr=0.001, epochs=50, batch_size=16, crop_size=480, base_size=520,
-                       backbone="resnet50", pretrained="imagenet", width=64, head_width=512, workers=8),
+                       backbone="resnet50", pretrained="imagenet", width=64, head_width=512, head_lr_mult=1.0,
+                   workers=8),
     "pascal_aug": dict(lr=0.001, epochs=50, batch_size=16, crop_size=480, base_size=520,
-                       backbone="resnet50", pretrained="imagenet", width=64, head_width=512, workers=8),
+                       backbone="resnet50", pretrained="imagenet", width=64, head_width=512, head_lr_mult=1.0,
+                   workers=8),
     # COCO pretraining for VOC (Sec. 3.3): base lr 0.01 per the paper; it does not give the epochs.
     "coco": dict(lr=0.01, epochs=30, batch_size=16, crop_size=480, base_size=520,
-                 backbone="resnet50", pretrained="imagenet", width=64, head_width=512, workers=8),
-    "context": dict(lr=0.02, epochs=16, batch_size=16, crop_size=96, base_size=96,
+                 backbone="resnet50", pretrained="imagenet", width=64, head_width=512, head_lr_mult=1.0,
+                 workers=8),
+    "context": dict(lr=0.02, epochs=13, batch_size=16, crop_size=320, base_size=320, head_lr_mult=10.0,
                     backbone="resnet18", pretrained=None, width=16, head_width=64, workers=0),
 }
 
@@ -77,7 +82,7 @@ def get_args(argv=None):
     g.add_argument("--epochs", type=int, help="paper: 120 ADE20K, 50 PASCAL")
     g.add_argument("--max-iters", type=int, help="total iterations (overrides --epochs)")
     g.add_argument("--lr", type=float, help="base learning rate of the poly schedule (paper: 0.01 ADE20K, 0.001 others)")
-    g.add_argument("--head-lr-mult", type=float, default=1.0, help="lr multiplier of the head (released code: 10)")
+    g.add_argument("--head-lr-mult", type=float, help="lr multiplier of the head (paper: 1, released code: 10)")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--seed", type=int, default=0, help="seeds weights, data order, augmentation and dropout")
@@ -120,8 +125,10 @@ def setup_distributed():
     else:
         device = torch.device("cpu")
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
-                                if device.type == "cuda" else None)
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     return rank, world, device
 
 
@@ -182,10 +189,17 @@ def load_model_weights(model, state_dict, source):
     mis_shaped = sorted(f"{k}: {tuple(state_dict[k].shape)} in the checkpoint, {tuple(own[k].shape)} here"
                         for k in own.keys() & state_dict.keys() if state_dict[k].shape != own[k].shape)
     if missing or unexpected or mis_shaped:
+        def modules(keys):  # "enc_module (31 keys), classifier (2 keys)"
+            counts = {}
+            for k in keys:
+                counts[k.split(".")[0]] = counts.get(k.split(".")[0], 0) + 1
+            return ", ".join(f"{m} ({n} keys)" for m, n in counts.items())
         lines = [f"{source} does not fit this model:"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mis_shaped)):
-            if keys:
-                lines.append(f"  {title} ({len(keys)}): {', '.join(keys[:8])}{' …' if len(keys) > 8 else ''}")
+        if missing:
+            lines.append(f"  missing: {modules(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected: {modules(unexpected)}")
+        lines += [f"  shape mismatch: {m}" for m in mis_shaped[:8]]
         raise ValueError("\n".join(lines))
     model.load_state_dict(state_dict)
 
@@ -197,9 +211,9 @@ RUN_DEFINING = ("data", "split", "model", "backbone", "width", "head_width", "nu
                 "aux_weight")
 
 
-def check_same_run(saved, args, path):
+def check_same_run(saved, args, path, keys=RUN_DEFINING):
     differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} in the checkpoint, {getattr(args, k)!r} now"
-              for k in RUN_DEFINING if saved.get(k) != getattr(args, k)]
+              for k in keys if saved.get(k) != getattr(args, k)]
     if differ:
         raise ValueError(f"--resume: {path} belongs to a different run:\n  " + "\n  ".join(differ))
 
@@ -439,8 +453,9 @@ def preflight(args):
         fail(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     if args.resume and args.init:
         fail("--resume and --init contradict each other: resume continues this run, init starts a new one")
-    if args.data == "context" and args.crop_size > data.CONTEXT_IMAGE_SIZE:
-        fail(f"--crop-size {args.crop_size} is larger than the built-in images ({data.CONTEXT_IMAGE_SIZE} px)")
+    if args.data == "context" and (args.crop_size, args.base_size) != (data.CONTEXT_WIDTH, data.CONTEXT_WIDTH):
+        fail(f"--crop-size {args.crop_size} --base-size {args.base_size}: the built-in images "
+             f"({data.CONTEXT_HEIGHT}×{data.CONTEXT_WIDTH}) are used whole, both must be {data.CONTEXT_WIDTH}")
     if args.data != "context" and not args.data_root:
         fail(f"--data {args.data} needs --data-root (the folder holding the dataset)")
     if args.data_root and not os.path.isdir(args.data_root):

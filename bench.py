@@ -1,0 +1,399 @@
+"""Benchmarks behind the README's performance table: `python bench.py` (about 10 minutes on 2 CPU cores).
+
+Every claim is a ratio against its alternative measured in the same run, so it holds on a noisy
+machine. Sections (--only NAME runs one):
+
+    encoding   Encoding layer fwd+bwd vs the materialised formula (time, peak memory) and vs the six
+               matrix products it cannot avoid; plain autograd and torch.compile of the same algebra
+    models     EncNet vs FCN, ResNet-50 at 480×480: FLOPs, parameters, fwd+bwd time
+    data       training augmentation items/s per core: one affine warp vs the sequential Pillow pipeline
+    syncbn     SyncBatchNorm in 2 gloo processes vs local BatchNorm; collectives per step
+    train      training images/s of EncNet and FCN on the built-in data (train_seg.py defaults)
+    gpu        the same on a GPU, when one is present
+
+Writes the table to stdout and to --json (default bench_results.json). --quick shrinks every
+section to seconds (used by the tests to keep this file working).
+"""
+import argparse
+import json
+import os
+import platform
+import socket
+import tempfile
+import time
+import weakref
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+from PIL import Image, ImageOps
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import data
+import encnet
+import layers
+import syncbn
+
+
+def timeit(fn, repeat, warmup=2):
+    """Median seconds of fn() over `repeat` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+class PeakMemory(TorchDispatchMode):
+    """Peak bytes of tensors alive at once, counted op by op (CPU has no allocator statistics)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.seen = 0, 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.seen:
+                storage = t.untyped_storage()
+                key, size = storage.data_ptr(), storage.nbytes()
+                self.seen.add(key)
+                self.live += size
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._free, key, size)
+        return out
+
+    def _free(self, key, size):
+        self.seen.discard(key)
+        self.live -= size
+
+
+def peak_bytes(fn):
+    with PeakMemory() as mode:
+        fn()
+    return mode.peak
+
+
+# ----------------------------------------------------------------------------- 1. Encoding layer
+
+def encoding_materialised(x, codewords, scale):
+    """Eq. 1 with the B×N×K×C residual tensor (what other pure-PyTorch ports do)."""
+    X = x.flatten(2).transpose(1, 2)
+    residuals = X[:, :, None, :] - codewords[None, None]
+    assign = torch.softmax(-scale * residuals.pow(2).sum(-1), dim=2)
+    return (assign[..., None] * residuals).sum(1)
+
+
+def encoding_plain_autograd(x, codewords, scale):
+    """The same expanded algebra as layers.py, differentiated by autograd instead of by hand."""
+    x = x.flatten(2)
+    dist_sq = (x.square().sum(1, keepdim=True) - 2 * torch.matmul(codewords, x)
+               + codewords.square().sum(1)[:, None])
+    assign = torch.softmax(-scale[:, None] * dist_sq, dim=1)
+    return torch.matmul(assign, x.transpose(1, 2)) - assign.sum(2, keepdim=True) * codewords
+
+
+def bench_encoding(quick):
+    B, C, H, W, K = (2, 64, 16, 16, 8) if quick else (4, 512, 60, 60, 32)
+    repeat = 3 if quick else 10
+    torch.manual_seed(0)
+    x = torch.randn(B, C, H, W, requires_grad=True)
+    codewords = (torch.randn(K, C) * 0.1).requires_grad_()
+    scale = torch.rand(K).requires_grad_()
+
+    def fwd_bwd(fn):
+        def step():
+            out = fn(x, codewords, scale)
+            out.backward(torch.ones_like(out))
+        return step
+
+    # the six products forward and backward cannot avoid (each B·N·K·C multiply-adds)
+    X, D = x.detach().flatten(2), codewords.detach()
+    A, G, E = torch.rand(B, K, H * W), torch.rand(B, K, H * W), torch.rand(B, K, C)
+
+    def six_matmuls():
+        torch.matmul(D, X), torch.matmul(A, X.transpose(1, 2))  # X·Dᵀ, Aᵀ·X
+        torch.matmul(E, X), torch.matmul(E.transpose(1, 2), A)  # their gradient products
+        torch.matmul(D.t(), G), torch.matmul(G, X.transpose(1, 2))
+
+    ours = timeit(fwd_bwd(layers.encode), repeat)
+    result = {
+        "shape": f"B={B} C={C} {H}x{W} K={K} fp32",
+        "ours_ms": 1e3 * ours,
+        "six_matmuls_ms": 1e3 * timeit(six_matmuls, repeat),
+        "plain_autograd_ms": 1e3 * timeit(fwd_bwd(encoding_plain_autograd), repeat),
+        "materialised_ms": 1e3 * timeit(fwd_bwd(encoding_materialised), max(2, repeat // 3), warmup=1),
+        "ours_peak_MB": peak_bytes(fwd_bwd(layers.encode)) / 2**20,
+        "materialised_peak_MB": peak_bytes(fwd_bwd(encoding_materialised)) / 2**20,
+    }
+    if quick:  # inductor compiles C++ for minutes on a CPU: only in the full run
+        result["compiled_plain_ms"] = "skipped in --quick"
+    else:  # torch.compile of the plain algebra: how close a compiler gets without a hand-written backward
+        try:
+            compiled = torch.compile(encoding_plain_autograd)
+            result["compiled_plain_ms"] = 1e3 * timeit(fwd_bwd(compiled), repeat, warmup=3)
+        except Exception as e:  # e.g. a machine without a C++ compiler cannot run inductor
+            result["compiled_plain_ms"] = f"unavailable: {type(e).__name__}"
+    result["x_vs_six_matmuls"] = result["ours_ms"] / result["six_matmuls_ms"]
+    result["speedup_vs_materialised"] = result["materialised_ms"] / result["ours_ms"]
+    result["memory_saving_vs_materialised"] = result["materialised_peak_MB"] / result["ours_peak_MB"]
+
+    # the ADE20K training setting: batch 16 (per step, one process); the materialised version would
+    # hold 16×3600×32×512 fp32 = 3.8 GB per residual-sized tensor, so it is not run here
+    if not quick:
+        x16 = torch.randn(16, C, H, W, requires_grad=True)
+        X16 = x16.detach().flatten(2)
+        A16, G16, E16 = torch.rand(16, K, H * W), torch.rand(16, K, H * W), torch.rand(16, K, C)
+
+        def ours16():
+            out = layers.encode(x16, codewords, scale)
+            out.backward(torch.ones_like(out))
+
+        def six16():
+            torch.matmul(D, X16), torch.matmul(A16, X16.transpose(1, 2))
+            torch.matmul(E16, X16), torch.matmul(E16.transpose(1, 2), A16)
+            torch.matmul(D.t(), G16), torch.matmul(G16, X16.transpose(1, 2))
+        result["ade20k_b16_ours_ms"] = 1e3 * timeit(ours16, 5)
+        result["ade20k_b16_x_vs_six_matmuls"] = result["ade20k_b16_ours_ms"] / (1e3 * timeit(six16, 5))
+        result["ade20k_b16_residual_tensor_GB"] = 16 * H * W * K * C * 4 / 1e9
+    return result
+
+
+# ----------------------------------------------------------------------------- 2. EncNet vs FCN
+
+def bench_models(quick):
+    from torch.utils.flop_counter import FlopCounterMode
+    backbone, size = ("resnet18", 96) if quick else ("resnet50", 480)
+    result = {"setting": f"{backbone}, {size}x{size}, 150 classes, batch 1"}
+    for cls in (encnet.FCN, encnet.EncNet):
+        name = cls.__name__
+        with torch.device("meta"):
+            model = cls(150, backbone).eval()
+            images = torch.empty(1, 3, size, size)
+        with FlopCounterMode(display=False) as counter:
+            model(images)
+        result[f"{name}_GFLOPs_eval"] = counter.get_total_flops() / 1e9
+        result[f"{name}_params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
+        torch.manual_seed(0)
+        model = cls(150, backbone).train()
+        images, labels = torch.randn(2, 3, size, size), torch.randint(0, 150, (2, size, size))
+
+        def step():
+            loss, _ = encnet.seg_loss(model(images), labels, 150)
+            loss.backward()
+        result[f"{name}_fwd_bwd_s"] = timeit(step, 1 if not quick else 1, warmup=1)
+    result["flops_overhead_pct"] = 100 * (result["EncNet_GFLOPs_eval"] / result["FCN_GFLOPs_eval"] - 1)
+    result["time_overhead_pct"] = 100 * (result["EncNet_fwd_bwd_s"] / result["FCN_fwd_bwd_s"] - 1)
+    return result
+
+
+# ----------------------------------------------------------------------------- 3. data pipeline
+
+def sequential_item(dataset, index, crop_size, base_size):
+    """The released code's pipeline: flip → resize → rotate → pad → crop, whole images, Pillow."""
+    image_path, label_path = dataset.samples[index]
+    image = Image.open(image_path).convert("RGB")
+    raw = data.read_png_label(label_path)
+    np.bincount(raw.ravel(), minlength=256)  # the same label check as the dataset's
+    label = Image.fromarray(raw)
+    rng = np.random.default_rng([dataset.seed, dataset.epoch, index])  # draws in augment_train's order
+    if rng.random() < 0.5:
+        image, label = ImageOps.mirror(image), ImageOps.mirror(label)
+    w, h = image.size
+    long_side = int(rng.integers(int(base_size * 0.5), int(base_size * 2.0), endpoint=True))
+    sw, sh = (int(w * long_side / h + 0.5), long_side) if h > w else (long_side, int(h * long_side / w + 0.5))
+    image, label = image.resize((sw, sh), Image.BILINEAR), label.resize((sw, sh), Image.NEAREST)
+    angle = rng.uniform(-10, 10)
+    image, label = image.rotate(angle, Image.BILINEAR), label.rotate(angle, Image.NEAREST, fillcolor=255)
+    pad_w, pad_h = max(crop_size - sw, 0), max(crop_size - sh, 0)
+    if pad_w or pad_h:
+        image = ImageOps.expand(image, (0, 0, pad_w, pad_h), fill=0)
+        label = ImageOps.expand(label, (0, 0, pad_w, pad_h), fill=255)
+    x1 = int(rng.integers(0, sw + pad_w - crop_size, endpoint=True))
+    y1 = int(rng.integers(0, sh + pad_h - crop_size, endpoint=True))
+    box = (x1, y1, x1 + crop_size, y1 + crop_size)
+    return data.image_tensor(image.crop(box)), torch.from_numpy(dataset.lut[np.asarray(label.crop(box))])
+
+
+def bench_data(quick):
+    """Whole training items (JPEG + PNG decode, label check, augmentation) from synthetic ADE20K-sized
+    files (683×512, JPEG quality 90), one core, crop 480 / base 520, the same random draws for both."""
+    crop_size, base_size = 480, 520
+    num_images, epochs = (4, 1) if quick else (8, 4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    seconds = {"warp": 0.0, "sequential": 0.0}
+    with tempfile.TemporaryDirectory() as root:
+        image_dir = Path(root, "ADEChallengeData2016", "images", "training")
+        label_dir = Path(root, "ADEChallengeData2016", "annotations", "training")
+        image_dir.mkdir(parents=True)
+        label_dir.mkdir(parents=True)
+        for i in range(num_images):  # smooth colour fields with some grain, blocky label regions
+            smooth = Image.fromarray(rng.integers(0, 256, (12, 16, 3), np.uint8)).resize((683, 512), Image.BICUBIC)
+            image = np.clip(np.asarray(smooth) + rng.normal(0, 6, (512, 683, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(image).save(image_dir / f"{i:04d}.jpg", quality=90)
+            label = Image.fromarray(rng.integers(0, 151, (8, 11), np.uint8)).resize((683, 512), Image.NEAREST)
+            label.save(label_dir / f"{i:04d}.png")
+        dataset = data.get_dataset("ade20k", root, "train", crop_size, base_size)
+        for epoch in range(epochs):
+            dataset.set_epoch(epoch)
+            for index in range(num_images):  # alternate, so background load hits both alike
+                for name, item in (("warp", lambda i: dataset[i]),
+                                   ("sequential", lambda i: sequential_item(dataset, i, crop_size, base_size))):
+                    start = time.perf_counter()
+                    item(index)
+                    seconds[name] += time.perf_counter() - start
+    torch.set_num_threads(threads)
+    items = epochs * num_images
+    warp = items / seconds["warp"]
+    return {"warp_items_per_s_per_core": warp, "sequential_items_per_s_per_core": items / seconds["sequential"],
+            "speedup": seconds["sequential"] / seconds["warp"],
+            # a GPU step consuming R images/s needs R / warp loader cores
+            "loader_cores_per_100_images_per_s": 100 / warp}
+
+
+# ----------------------------------------------------------------------------- 4. SyncBatchNorm
+
+def _syncbn_worker(rank, world, port, quick, queue):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    shape = (2, 64, 16, 16) if quick else (4, 256, 60, 60)
+    x = torch.randn(shape, requires_grad=True)
+    results = {}
+    for name, bn in (("local", nn.BatchNorm2d(shape[1])), ("sync", syncbn.SyncBatchNorm(shape[1]))):
+        calls = [0]
+        original = dist.all_reduce
+
+        def counting(*args, **kwargs):
+            calls[0] += 1
+            return original(*args, **kwargs)
+        dist.all_reduce = counting
+
+        def step():
+            bn(x).sum().backward()
+        seconds = timeit(step, 3 if quick else 20)
+        dist.all_reduce = original
+        results[f"{name}_ms"] = 1e3 * seconds
+        results[f"{name}_collectives_per_step"] = calls[0] / ((3 if quick else 20) + 2)
+    if rank == 0:
+        queue.put(results)
+    dist.destroy_process_group()
+
+
+def bench_syncbn(quick):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    processes = [ctx.Process(target=_syncbn_worker, args=(r, 2, port, quick, queue)) for r in range(2)]
+    for p in processes:
+        p.start()
+    result = queue.get(timeout=600)
+    for p in processes:
+        p.join()
+    result["shape_per_process"] = "2x64x16x16" if quick else "4x256x60x60"
+    result["sync_vs_local"] = result["sync_ms"] / result["local_ms"]
+    return result
+
+
+# ----------------------------------------------------------------------------- 5./6. training step
+
+def bench_train(quick, device="cpu"):
+    import train_seg
+    defaults = train_seg.DEFAULTS["context"]
+    size = defaults["crop_size"]
+    batch = 4 if quick else defaults["batch_size"]
+    result = {"setting": f"{defaults['backbone']} width {defaults['width']}, {size}x{size}, batch {batch}, {device}"}
+    for name in ("fcn", "encnet"):
+        torch.manual_seed(0)
+        model = encnet.build_model({"model": name, "num_classes": 6, "backbone": defaults["backbone"],
+                                    "dropout": 0.1, "aux": False, "head_width": defaults["head_width"],
+                                    "width": defaults["width"], "num_codes": 32, "se_loss": True,
+                                    "lateral": False, "residual_gate": True}).to(device).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        images = torch.randn(batch, 3, size, size, device=device)
+        labels = torch.randint(0, 6, (batch, size, size), device=device)
+
+        def step():
+            loss, _ = encnet.seg_loss(model(images), labels, 6)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        result[f"{name}_images_per_s"] = batch / timeit(step, 3 if quick else 20)
+    result["encnet_vs_fcn_time"] = result["fcn_images_per_s"] / result["encnet_images_per_s"]
+    return result
+
+
+def bench_gpu(quick):
+    """EncNet-ResNet50, crop 480, batch 16 on one GPU: fp32 / bf16 / + channels_last / + compile."""
+    if not torch.cuda.is_available():
+        return {"status": "not measured: no GPU on this machine"}
+    device = torch.device("cuda")
+    size, batch = (128, 2) if quick else (480, 16)
+    result = {"gpu": torch.cuda.get_device_name(), "setting": f"EncNet resnet50, {size}x{size}, batch {batch}"}
+    from torch.utils.flop_counter import FlopCounterMode
+    for label, amp, channels_last, compile_ in (("fp32", False, False, False), ("bf16", True, False, False),
+                                                ("bf16+channels_last", True, True, False),
+                                                ("bf16+channels_last+compile", True, True, True)):
+        torch.manual_seed(0)
+        model = encnet.EncNet(150, "resnet50").to(device).train()
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        model = model.to(memory_format=fmt)
+        net = torch.compile(model) if compile_ else model
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
+        labels = torch.randint(0, 150, (batch, size, size), device=device)
+
+        def step():
+            with torch.autocast("cuda", torch.bfloat16, enabled=amp):
+                out = net(images)
+            loss, _ = encnet.seg_loss(out, labels, 150)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        seconds = timeit(step, 3 if quick else 20, warmup=3)
+        with FlopCounterMode(display=False) as counter:
+            step()
+        result[f"{label}_images_per_s"] = batch / seconds
+        result[f"{label}_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+        result[f"{label}_TFLOP_per_s"] = counter.get_total_flops() / seconds / 1e12
+    return result
+
+
+SECTIONS = {"encoding": bench_encoding, "models": bench_models, "data": bench_data, "syncbn": bench_syncbn,
+            "train": bench_train, "gpu": bench_gpu}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=sorted(SECTIONS), action="append", help="run only these sections")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks that every section runs")
+    p.add_argument("--json", default="bench_results.json", help="where to write the results")
+    args = p.parse_args(argv)
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "torch": torch.__version__, "threads": torch.get_num_threads()}
+    results = {"machine": machine}
+    for name in args.only or SECTIONS:
+        start = time.time()
+        results[name] = SECTIONS[name](args.quick)
+        print(f"\n## {name} ({time.time() - start:.0f} s)")
+        for key, value in results[name].items():
+            print(f"  {key:<40} {value:.3f}" if isinstance(value, float) else f"  {key:<40} {value}")
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\n→ {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

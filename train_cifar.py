@@ -1,0 +1,205 @@
+"""CIFAR-10 with the Context Encoding Module on every block of a 14-layer ResNet (Sec. 3.5, Table 6).
+
+    python train_cifar.py --model encnet16k64d --data-root DATA            # DATA/cifar-10-batches-py
+    torchrun --nproc_per_node 2 train_cifar.py --model encnet32k128d --data-root DATA   # as the paper: 2 GPUs
+
+Recipe of the paper: SGD momentum 0.9, weight decay 5e-4, batch 128, cosine learning rate over 600
+epochs (base 0.1 as released), MSRA initialisation, 4-pixel pad + random crop + flip, EncodingDrop
+in the EncNets. Same habits as train_seg.py: torchrun/DDP with SyncBatchNorm, atomic checkpoints
+and --resume, TensorBoard, a progress line; the final test top-1 accuracy goes to OUT/results.json.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+import data
+import encnet
+from syncbn import convert_sync_batchnorm
+from train_seg import (Progress, all_reduce_mean, check_output_dir, check_same_run, fail, load_checkpoint,
+                       load_model_weights, plain_args, save_checkpoint, seed_step, setup_distributed)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="encnet16k64d", choices=sorted(encnet.CIFAR_MODELS), help="a Table-6 network")
+    p.add_argument("--data-root", required=True, help="folder holding cifar-10-batches-py")
+    p.add_argument("--epochs", type=int, default=600, help="paper: 600")
+    p.add_argument("--batch-size", type=int, default=128, help="global batch, split over processes (paper: 128)")
+    p.add_argument("--lr", type=float, default=0.1, help="base lr of the cosine schedule (released code: 0.1)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="paper: 5e-4 (released code: 1e-4)")
+    p.add_argument("--no-encoding-drop", dest="encoding_drop", action="store_false",
+                   help="learned smoothing factors instead of EncodingDrop")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=4, help="data loader processes per training process")
+    p.add_argument("--out", default="runs/cifar", help="checkpoints, TensorBoard logs and results go here")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth")
+    p.add_argument("--save-every", type=int, help="checkpoint every N iterations (default: once per epoch)")
+    p.add_argument("--val-every", type=int, default=10, help="test error every N epochs (and at the end)")
+    p.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU speed switch)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format (GPU speed switch)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--fail-at-iter", type=int, help=argparse.SUPPRESS)  # fault injection for the tests
+    return p.parse_args(argv)
+
+
+def cosine_lr(optimizer, base_lr, it, total_iters):
+    """lr = base · ½(1 + cos(π·iter/total)), set every iteration."""
+    lr = 0.5 * base_lr * (1 + math.cos(math.pi * it / total_iters))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def test_top1(model, dataset, rank, world, device, args):
+    """Top-1 accuracy on the test set, sharded over processes and summed."""
+    model.eval()
+    subset = torch.utils.data.Subset(dataset, data.shard_indices(len(dataset), rank, world))
+    counts = torch.zeros(2, dtype=torch.int64, device=device)  # [correct, seen]
+    with torch.no_grad():
+        for images, labels in DataLoader(subset, batch_size=256, num_workers=args.workers):
+            images = data.normalize(images.to(device), data.CIFAR_MEAN, data.CIFAR_STD)
+            labels = labels.to(device)
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+                logits = model(images.contiguous(memory_format=memory_format(args)))
+            counts += torch.stack([(logits.argmax(1) == labels).sum(), labels.new_tensor(len(labels))])
+    if world > 1:
+        dist.all_reduce(counts)
+    model.train()
+    return counts[0].item() / counts[1].item()
+
+
+def memory_format(args):
+    return torch.channels_last if args.channels_last else torch.contiguous_format
+
+
+def train(args):
+    rank, world, device = setup_distributed()
+    is_main = rank == 0
+    torch.manual_seed(args.seed)
+    train_set = data.get_dataset("cifar10", args.data_root, "train", seed=args.seed)
+    test_set = data.get_dataset("cifar10", args.data_root, "test")
+    checkpoint_path = os.path.join(args.out, "checkpoint.pth")
+    checkpoint = load_checkpoint(checkpoint_path) if args.resume else None
+    if checkpoint is not None:
+        check_same_run(checkpoint["args"], args, checkpoint_path, RUN_DEFINING)
+
+    model = encnet.build_cifar(args.model, args.encoding_drop)
+    if checkpoint is not None:
+        load_model_weights(model, checkpoint["model"], checkpoint_path)
+    if world > 1:
+        model = convert_sync_batchnorm(model)  # the paper trained on 2 GPUs with synchronized BN
+    model = model.to(device, memory_format=memory_format(args))
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    if args.compile:
+        net = torch.compile(net)
+
+    iters_per_epoch = len(train_set) // args.batch_size
+    if iters_per_epoch == 0:
+        raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images")
+    total_iters = args.epochs * iters_per_epoch
+    save_every = args.save_every or iters_per_epoch
+    it = checkpoint["iter"] if checkpoint is not None else 0
+    sampler = data.ShardedBatchSampler(len(train_set), args.batch_size, rank, world, seed=args.seed)
+    writer = None
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(args.out)
+        params = sum(p.numel() for p in model.parameters())
+        print(f"{args.model} ({params / 1e6:.2f}M parameters) on CIFAR-10, {world} process(es) on {device.type}, "
+              f"{total_iters} iterations from {it}", flush=True)
+    progress = Progress(args.log_every, total_iters, it, args.batch_size, device)
+
+    while it < total_iters:
+        epoch = it // iters_per_epoch
+        sampler.set_epoch(epoch, start_batch=it % iters_per_epoch)
+        train_set.set_epoch(epoch)
+        loader = DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers,
+                            pin_memory=device.type == "cuda")
+        for images, labels in loader:
+            if args.fail_at_iter == it and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and is_main:
+                os.kill(os.getpid(), 9)  # simulate a crashed worker (tests only)
+            seed_step(args.seed, it, rank)  # EncodingDrop's draws depend only on (seed, iteration, rank)
+            lr = cosine_lr(optimizer, args.lr, it, total_iters)
+            images = data.normalize(images.to(device, non_blocking=True), data.CIFAR_MEAN, data.CIFAR_STD)
+            labels = labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+                logits = net(images.contiguous(memory_format=memory_format(args)))
+            loss = F.cross_entropy(logits.float(), labels)
+            error = (logits.argmax(1) != labels).float().mean()
+            loss_value, error_value = all_reduce_mean(torch.stack([loss.detach(), error]), world).tolist()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"non-finite loss {loss_value} at iteration {it} (epoch {epoch}); "
+                                         f"the last good checkpoint {checkpoint_path} is untouched")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            it += 1
+            if is_main:
+                progress.maybe_print(epoch, it, {"loss": loss_value, "error": error_value}, lr)
+                writer.add_scalar("train/loss", loss_value, it)
+                writer.add_scalar("train/error", error_value, it)
+                writer.add_scalar("train/lr", lr, it)
+            if (it % save_every == 0 or it % iters_per_epoch == 0) and is_main:
+                save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
+                                 "epoch": it // iters_per_epoch, "args": plain_args(args)}, checkpoint_path)
+            if it == total_iters:
+                break
+        epochs_done = it // iters_per_epoch
+        if it < total_iters and it % iters_per_epoch == 0 and epochs_done % args.val_every == 0:
+            top1 = test_top1(model, test_set, rank, world, device, args)
+            if is_main:
+                print(f"epoch {epochs_done} | test top-1 {top1:.4f} (error {100 * (1 - top1):.2f}%)", flush=True)
+                writer.add_scalar("test/error", 1 - top1, it)
+
+    top1 = test_top1(model, test_set, rank, world, device, args)
+    if is_main:
+        writer.add_scalar("test/error", 1 - top1, it)
+        writer.close()
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump({"top1": top1}, f)
+        print(f"final: test top-1 {top1:.4f} ({args.model}, {it} iterations) → {args.out}/results.json", flush=True)
+    if world > 1:
+        dist.destroy_process_group()
+    return top1
+
+
+RUN_DEFINING = ("model", "epochs", "batch_size", "lr", "momentum", "weight_decay", "encoding_drop", "seed")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        fail(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    if not os.path.isdir(args.data_root):
+        fail(f"--data-root {args.data_root} does not exist")
+    check_output_dir(args.out)
+    has_checkpoint = os.path.isfile(os.path.join(args.out, "checkpoint.pth"))
+    if args.resume and not has_checkpoint:
+        fail(f"--resume: no checkpoint at {os.path.join(args.out, 'checkpoint.pth')}")
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and has_checkpoint:
+        args.resume = True  # a torchrun restart continues from the last checkpoint by itself
+    try:
+        train(args)
+    except (data.DataError, ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
