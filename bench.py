@@ -9,6 +9,7 @@ machine. Sections (--only NAME runs one):
     data       training augmentation items/s per core: one affine warp vs the sequential Pillow pipeline
     syncbn     SyncBatchNorm in 2 gloo processes vs local BatchNorm; collectives per step
     train      training images/s of EncNet and FCN on the built-in data (train_seg.py defaults)
+    cifar      training images/s of the four Table-6 networks, i.e. the CPU time of one epoch
     gpu        the same on a GPU, when one is present
 
 Writes the table to stdout and to --json (default bench_results.json). --quick shrinks every
@@ -307,28 +308,51 @@ def bench_syncbn(quick):
 # ----------------------------------------------------------------------------- 5./6. training step
 
 def bench_train(quick, device="cpu"):
+    """Training step of `python train_seg.py [--model fcn]` (its defaults) on random data."""
     import train_seg
-    defaults = train_seg.DEFAULTS["context"]
-    size = defaults["crop_size"]
-    batch = 4 if quick else defaults["batch_size"]
-    result = {"setting": f"{defaults['backbone']} width {defaults['width']}, {size}x{size}, batch {batch}, {device}"}
+    result = {}
     for name in ("fcn", "encnet"):
+        args = train_seg.get_args(["--model", name])
+        args.num_classes = len(data.CONTEXT_CLASSES)
+        batch = 4 if quick else args.batch_size
         torch.manual_seed(0)
-        model = encnet.build_model({"model": name, "num_classes": 6, "backbone": defaults["backbone"],
-                                    "dropout": 0.1, "aux": False, "head_width": defaults["head_width"],
-                                    "width": defaults["width"], "num_codes": 32, "se_loss": True,
-                                    "lateral": False, "residual_gate": True}).to(device).train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        images = torch.randn(batch, 3, size, size, device=device)
-        labels = torch.randint(0, 6, (batch, size, size), device=device)
+        model = encnet.build_model(vars(args)).to(device).train()
+        optimizer = train_seg.build_optimizer(model, args)
+        images = torch.randn(batch, 3, data.CONTEXT_HEIGHT, data.CONTEXT_WIDTH, device=device)
+        labels = torch.randint(0, args.num_classes, (batch, data.CONTEXT_HEIGHT, data.CONTEXT_WIDTH), device=device)
 
         def step():
-            loss, _ = encnet.seg_loss(model(images), labels, 6)
+            loss, _ = encnet.seg_loss(model(images), labels, args.num_classes)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         result[f"{name}_images_per_s"] = batch / timeit(step, 3 if quick else 20)
+        result["setting"] = (f"{args.backbone} width {args.width}, {data.CONTEXT_HEIGHT}x{data.CONTEXT_WIDTH}, "
+                             f"batch {batch}, {device}")
     result["encnet_vs_fcn_time"] = result["fcn_images_per_s"] / result["encnet_images_per_s"]
+    return result
+
+
+def bench_cifar(quick):
+    """Training images/s of the four Table-6 networks on this machine → the wall-clock of one epoch
+    (50,000 images), extrapolated from a few steps at batch 128."""
+    batch = 8 if quick else 128
+    result = {}
+    for name in encnet.CIFAR_MODELS:
+        torch.manual_seed(0)
+        model = encnet.build_cifar(name).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        images, labels = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+
+        def step():
+            loss = nn.functional.cross_entropy(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        rate = batch / timeit(step, 2 if quick else 5, warmup=1)
+        result[f"{name}_params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
+        result[f"{name}_images_per_s"] = rate
+        result[f"{name}_epoch_min"] = 50000 / rate / 60
     return result
 
 
@@ -371,7 +395,7 @@ def bench_gpu(quick):
 
 
 SECTIONS = {"encoding": bench_encoding, "models": bench_models, "data": bench_data, "syncbn": bench_syncbn,
-            "train": bench_train, "gpu": bench_gpu}
+            "train": bench_train, "cifar": bench_cifar, "gpu": bench_gpu}
 
 
 def main(argv=None):

@@ -349,7 +349,7 @@ def coco_samples(root, split):
     root, year = Path(root), {"train": "train2017", "val": "val2017"}.get(split)
     if year is None:
         raise ValueError(f"coco has splits train, val, not {split!r}")
-    layout = f"ROOT/{{train2017,val2017}}/*.jpg and ROOT/annotations/instances_{{train,val}}2017.json"
+    layout = "ROOT/{train2017,val2017}/*.jpg and ROOT/annotations/instances_{train,val}2017.json"
     image_dir = require_dir(root / year, "coco", layout)
     annotation_file = root / "annotations" / f"instances_{year}.json"
     if not annotation_file.is_file():

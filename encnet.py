@@ -156,17 +156,27 @@ def load_backbone_weights(backbone, source, name):
     else:
         raise FileNotFoundError(f"--pretrained {source}: no such file (and not 'imagenet' or a URL)")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the ImageNet classifier
-    own = backbone.state_dict()
-    missing = sorted(own.keys() - state.keys())
-    unexpected = sorted(state.keys() - own.keys())
-    mis_shaped = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                        for k in own.keys() & state.keys() if state[k].shape != own[k].shape)
+    load_strict(backbone, state, source)
+
+
+def load_strict(module, state_dict, source):
+    """module.load_state_dict(state_dict, strict=True), with an error that names what differs:
+    missing and unexpected keys (and the modules they belong to) and mismatched shapes."""
+    own = module.state_dict()
+    missing = sorted(own.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - own.keys())
+    mis_shaped = [f"{k}: {tuple(state_dict[k].shape)} in the checkpoint, {tuple(own[k].shape)} here"
+                  for k in sorted(own.keys() & state_dict.keys()) if state_dict[k].shape != own[k].shape]
     if missing or unexpected or mis_shaped:
-        raise ValueError(f"{source} does not match the {name} backbone:\n"
-                         f"  missing keys ({len(missing)}): {missing}\n"
-                         f"  unexpected keys ({len(unexpected)}): {unexpected}\n"
-                         f"  shape mismatches ({len(mis_shaped)}): {mis_shaped}")
-    backbone.load_state_dict(state, strict=True)
+        lines = [f"{source} does not fit this model ({type(module).__name__}):"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                modules = ", ".join(dict.fromkeys(k.split(".")[0] for k in keys))
+                lines.append(f"  {len(keys)} {title} keys in {modules}: {', '.join(keys[:6])}"
+                             + (", …" if len(keys) > 6 else ""))
+        lines += [f"  shape mismatch {m}" for m in mis_shaped[:6]]
+        raise ValueError("\n".join(lines))
+    module.load_state_dict(state_dict)
 
 
 def resnet(name, pretrained=None, dilated=True, width=64, norm_layer=nn.BatchNorm2d):

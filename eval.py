@@ -212,15 +212,16 @@ def main(argv=None):
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     args = p.parse_args(argv)
 
-    from train_seg import fail, load_checkpoint, setup_distributed  # (train_seg imports this file)
+    # imported here, not at the top: train_seg.py imports this file
+    from train_seg import fail, load_checkpoint, setup_distributed
     try:
         checkpoint = load_checkpoint(args.checkpoint)
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
-    saved = checkpoint["args"]
+        saved = checkpoint["args"]
+        model = encnet.build_model(saved)
+        encnet.load_strict(model, checkpoint["model"], args.checkpoint)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        fail(f"{args.checkpoint}: not a train_seg.py checkpoint (missing {e})" if isinstance(e, KeyError) else str(e))
     rank, world, device = setup_distributed()
-    model = encnet.build_model(saved)
-    model.load_state_dict(checkpoint["model"])
     model.to(device).eval()
     crop_size = args.crop_size or saved["crop_size"]
     base_size = args.base_size or saved["base_size"]
@@ -228,14 +229,17 @@ def main(argv=None):
 
     if args.images:
         if rank == 0:
-            segment_images(model, list_images(args.images), args.out, checkpoint["palette"], crop_size, base_size,
-                           device, scales, flip, saved["data"], args.label_png, args.amp)
+            try:
+                segment_images(model, list_images(args.images), args.out, checkpoint["palette"], crop_size,
+                               base_size, device, scales, flip, saved["data"], args.label_png, args.amp)
+            except (FileNotFoundError, data.DataError) as e:
+                fail(str(e))
         return
     name = args.data or saved["data"]
     try:
         dataset = data.get_dataset(name, args.data_root or saved.get("data_root"), args.split, crop_size,
                                    base_size, mode="val")
-    except data.DataError as e:
+    except (data.DataError, ValueError) as e:
         fail(str(e))
     if dataset.num_classes != saved["num_classes"]:
         fail(f"{args.checkpoint} predicts {saved['num_classes']} classes, {name} has {dataset.num_classes}")

@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -24,7 +23,7 @@ import data
 import encnet
 from syncbn import convert_sync_batchnorm
 from train_seg import (Progress, all_reduce_mean, check_output_dir, check_same_run, fail, load_checkpoint,
-                       load_model_weights, plain_args, save_checkpoint, seed_step, setup_distributed)
+                       plain_args, resolve_resume, run_or_exit, save_checkpoint, seed_step, setup_distributed)
 
 
 def get_args(argv=None):
@@ -95,7 +94,7 @@ def train(args):
 
     model = encnet.build_cifar(args.model, args.encoding_drop)
     if checkpoint is not None:
-        load_model_weights(model, checkpoint["model"], checkpoint_path)
+        encnet.load_strict(model, checkpoint["model"], checkpoint_path)
     if world > 1:
         model = convert_sync_batchnorm(model)  # the paper trained on 2 GPUs with synchronized BN
     model = model.to(device, memory_format=memory_format(args))
@@ -189,16 +188,8 @@ def main(argv=None):
     if not os.path.isdir(args.data_root):
         fail(f"--data-root {args.data_root} does not exist")
     check_output_dir(args.out)
-    has_checkpoint = os.path.isfile(os.path.join(args.out, "checkpoint.pth"))
-    if args.resume and not has_checkpoint:
-        fail(f"--resume: no checkpoint at {os.path.join(args.out, 'checkpoint.pth')}")
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and has_checkpoint:
-        args.resume = True  # a torchrun restart continues from the last checkpoint by itself
-    try:
-        train(args)
-    except (data.DataError, ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    resolve_resume(args)
+    run_or_exit(train, args)
 
 
 if __name__ == "__main__":

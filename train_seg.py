@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 import data
 import encnet
-from eval import SegMetric, colorize, evaluate, per_class_table
+from eval import SegMetric, colorize, evaluate, per_class_table, predict
 from syncbn import convert_sync_batchnorm
 
 # Hyperparameters of the paper (Sec. 3.1) per dataset; flags override them. The context entry
@@ -181,29 +181,6 @@ def plain_args(args):
     return {k: v for k, v in vars(args).items() if v is None or isinstance(v, (str, int, float, bool, list))}
 
 
-def load_model_weights(model, state_dict, source):
-    """Strict load with an error that names the mismatch (another model, backbone or class count)."""
-    own = model.state_dict()
-    missing = sorted(own.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - own.keys())
-    mis_shaped = sorted(f"{k}: {tuple(state_dict[k].shape)} in the checkpoint, {tuple(own[k].shape)} here"
-                        for k in own.keys() & state_dict.keys() if state_dict[k].shape != own[k].shape)
-    if missing or unexpected or mis_shaped:
-        def modules(keys):  # "enc_module (31 keys), classifier (2 keys)"
-            counts = {}
-            for k in keys:
-                counts[k.split(".")[0]] = counts.get(k.split(".")[0], 0) + 1
-            return ", ".join(f"{m} ({n} keys)" for m, n in counts.items())
-        lines = [f"{source} does not fit this model:"]
-        if missing:
-            lines.append(f"  missing: {modules(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected: {modules(unexpected)}")
-        lines += [f"  shape mismatch: {m}" for m in mis_shaped[:8]]
-        raise ValueError("\n".join(lines))
-    model.load_state_dict(state_dict)
-
-
 # Arguments that must agree between a checkpoint and the command that resumes it.
 RUN_DEFINING = ("data", "split", "model", "backbone", "width", "head_width", "num_codes", "se_loss", "aux",
                 "lateral", "residual_gate", "dropout", "batch_size", "epochs", "max_iters", "lr",
@@ -273,14 +250,56 @@ def validation_images(model, dataset, device, args, count=4):
     """input | ground truth | prediction strips in class colours, for TensorBoard (3×H×(3W) uint8 each)."""
     palette = torch.tensor(dataset.palette, dtype=torch.uint8)
     strips = []
-    with torch.no_grad():
-        for i in range(min(count, len(dataset))):
-            image, label = dataset[i]
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-                logits = model(data.normalize(image[None].to(device)))
-            pred = logits.argmax(1)[0].cpu()
-            strips.append(torch.cat([image, colorize(label, palette), colorize(pred, palette)], 2))
+    for i in range(min(count, len(dataset))):
+        image, label = dataset[i]
+        probs = predict(model, data.normalize(image[None].to(device)), args.crop_size, args.base_size, amp=args.amp)
+        strips.append(torch.cat([image, colorize(label, palette), colorize(probs.argmax(1)[0].cpu(), palette)], 2))
     return strips
+
+
+def quick_validation(model, dataset, rank, world, device, args):
+    """Fixed resize + centre crop, batched; confusion matrices summed over processes.
+    (The unwrapped model: DDP's forward could wait on a collective when shards differ in length.)"""
+    model.eval()
+    metric = SegMetric(dataset.num_classes)
+    loader = DataLoader(torch.utils.data.Subset(dataset, data.shard_indices(len(dataset), rank, world)),
+                        batch_size=max(1, args.batch_size // world), num_workers=args.workers)
+    with torch.no_grad():
+        for images, labels in loader:
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+                logits = model(data.normalize(images.to(device)))
+            metric.update(logits.argmax(1).cpu(), labels)
+    metric.all_reduce()
+    model.train()
+    return metric.pixacc_miou()
+
+
+def build_model(args, world, device, checkpoint, checkpoint_path):
+    """The model with its starting weights, SyncBatchNorm when distributed, and its optimizer.
+    → (model, net: what the training step calls (DDP and/or compiled), optimizer)."""
+    # rank 0 fetches pretrained weights first, so that the others find them in torch.hub's cache
+    is_main = int(os.environ.get("RANK", 0)) == 0
+    if world > 1 and not is_main:
+        dist.barrier()
+    model = encnet.build_model(vars(args))
+    if checkpoint is None and args.init is None and args.pretrained:
+        encnet.load_backbone_weights(model.backbone, args.pretrained, args.backbone)
+    if world > 1 and is_main:
+        dist.barrier()
+    if args.init:  # a new run from another run's weights (e.g. COCO → VOC), fresh optimizer and schedule
+        encnet.load_strict(model, load_checkpoint(args.init)["model"], args.init)
+    if checkpoint is not None:
+        encnet.load_strict(model, checkpoint["model"], checkpoint_path)
+
+    if world > 1:
+        model = convert_sync_batchnorm(model)
+    model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    optimizer = build_optimizer(model, args)
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    return model, torch.compile(net) if args.compile else net, optimizer
 
 
 def train(args):
@@ -297,32 +316,8 @@ def train(args):
     checkpoint = load_checkpoint(checkpoint_path) if args.resume else None
     if checkpoint is not None:
         check_same_run(checkpoint["args"], args, checkpoint_path)
-
-    # rank 0 fetches pretrained weights first, so that the others find them in torch.hub's cache
-    fresh = checkpoint is None and args.init is None
-    if world > 1 and not is_main:
-        dist.barrier()
-    model = encnet.build_model(vars(args))
-    if fresh and args.pretrained:
-        encnet.load_backbone_weights(model.backbone, args.pretrained, args.backbone)
-    if world > 1 and is_main:
-        dist.barrier()
-    if args.init:
-        load_model_weights(model, load_checkpoint(args.init)["model"], args.init)
-    if checkpoint is not None:
-        load_model_weights(model, checkpoint["model"], checkpoint_path)
-
-    if world > 1:
-        model = convert_sync_batchnorm(model)
+    model, net, optimizer = build_model(args, world, device, checkpoint, checkpoint_path)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
-    optimizer = build_optimizer(model, args)
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
-    if args.compile:
-        net = torch.compile(net)
 
     iters_per_epoch = len(train_set) // args.batch_size
     if iters_per_epoch == 0:
@@ -340,6 +335,9 @@ def train(args):
     progress = Progress(args.log_every, total_iters, it, args.batch_size, device)
 
     def snapshot(it):
+        if not all(torch.isfinite(p).all() for p in model.parameters()):  # never replace a good checkpoint
+            raise FloatingPointError(f"non-finite weights after iteration {it}; "
+                                     f"the last good checkpoint {checkpoint_path} is untouched")
         if is_main:
             save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
                              "epoch": it // iters_per_epoch, "args": plain_args(args),
@@ -348,12 +346,10 @@ def train(args):
 
     while it < total_iters:
         epoch = it // iters_per_epoch
-        sampler.set_epoch(epoch)
-        sampler.start_batch = it % iters_per_epoch  # mid-epoch resume: skip the batches already seen
+        sampler.set_epoch(epoch, start_batch=it % iters_per_epoch)  # mid-epoch resume skips seen batches
         train_set.set_epoch(epoch)
         loader = DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers,
                             pin_memory=device.type == "cuda")
-        net.train()
         for images, labels in loader:
             if args.fail_at_iter == it and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and is_main:
                 os.kill(os.getpid(), signal.SIGKILL)  # simulate a crashed worker (tests only)
@@ -370,43 +366,39 @@ def train(args):
                                           num_pixels)
             # One small all-reduce gives every process the same loss terms: they log them and,
             # on divergence, all stop at the same iteration (no process left waiting).
-            values = all_reduce_mean(torch.stack([loss.detach(), *terms.values()]), world).tolist()
-            if not all(math.isfinite(v) for v in values):
-                raise FloatingPointError(
-                    f"non-finite loss at iteration {it} (epoch {epoch}): "
-                    + ", ".join(f"{k} {v}" for k, v in zip(["loss", *terms], values))
-                    + f"; the last good checkpoint {checkpoint_path} is untouched")
+            values = dict(zip(["loss", *terms], all_reduce_mean(torch.stack([loss.detach(), *terms.values()]),
+                                                                world).tolist()))
+            if not all(math.isfinite(v) for v in values.values()):
+                raise FloatingPointError(f"non-finite loss at iteration {it} (epoch {epoch}): "
+                                         + ", ".join(f"{k} {v}" for k, v in values.items())
+                                         + f"; the last good checkpoint {checkpoint_path} is untouched")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-            if not torch.isfinite(grad_norm):  # bf16 never needs loss scaling, so no step is ever skipped
-                raise FloatingPointError(f"non-finite gradient at iteration {it} (loss {values[0]}); "
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()
+            if not math.isfinite(grad_norm):  # bf16 needs no loss scaling: a step is never skipped silently
+                raise FloatingPointError(f"non-finite gradient at iteration {it} (loss {values['loss']}); "
                                          f"the last good checkpoint {checkpoint_path} is untouched")
             optimizer.step()
             it += 1
 
             if is_main:
-                named = dict(zip(["loss", *terms], values))
-                progress.maybe_print(epoch, it, named, lr)
-                for k, v in named.items():
+                progress.maybe_print(epoch, it, values, lr)
+                for k, v in {**values, "lr": lr, "grad_norm": grad_norm,
+                             "images_per_s": progress.images_per_s(it)}.items():
                     writer.add_scalar(f"train/{k}", v, it)
-                writer.add_scalar("train/lr", lr, it)
-                writer.add_scalar("train/grad_norm", grad_norm.item(), it)
-                writer.add_scalar("train/images_per_s", progress.images_per_s(it), it)
             if it % save_every == 0 or it % iters_per_epoch == 0 or it == total_iters:
                 snapshot(it)
             if it == total_iters:
                 break
-        if args.val_every and it % iters_per_epoch == 0 and (it // iters_per_epoch) % args.val_every == 0 \
-                and it != total_iters:
-            pix_acc, miou = quick_validation(net, val_quick, rank, world, device, args)
+        epochs_done = it // iters_per_epoch
+        if args.val_every and it < total_iters and it % iters_per_epoch == 0 and epochs_done % args.val_every == 0:
+            pix_acc, miou = quick_validation(model, val_quick, rank, world, device, args)
             if is_main:
-                print(f"epoch {it // iters_per_epoch} | quick val pixAcc {pix_acc:.4f} mIoU {miou:.4f}", flush=True)
+                print(f"epoch {epochs_done} | quick val pixAcc {pix_acc:.4f} mIoU {miou:.4f}", flush=True)
                 writer.add_scalar("val/pixAcc", pix_acc, it)
                 writer.add_scalar("val/mIoU", miou, it)
 
     # Final evaluation: whole images, single scale, sliding windows where larger than the crop.
-    model.eval()
     metric = evaluate(model, val_full, data.shard_indices(len(val_full), rank, world), device,
                       crop_size=args.crop_size, base_size=args.base_size, amp=args.amp)
     metric.all_reduce()
@@ -430,22 +422,6 @@ def train(args):
     return pix_acc, miou
 
 
-def quick_validation(net, dataset, rank, world, device, args):
-    """Fixed resize + centre crop, batched; confusion matrices summed over processes."""
-    net.eval()
-    metric = SegMetric(dataset.num_classes)
-    loader = DataLoader(torch.utils.data.Subset(dataset, data.shard_indices(len(dataset), rank, world)),
-                        batch_size=max(1, args.batch_size // world), num_workers=args.workers)
-    with torch.no_grad():
-        for images, labels in loader:
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-                logits = net(data.normalize(images.to(device)))
-            metric.update(logits.argmax(1).cpu(), labels)
-    metric.all_reduce()
-    net.train()
-    return metric.pixacc_miou()
-
-
 def preflight(args):
     """Everything that can be checked before any work, each with one clear message."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -465,23 +441,34 @@ def preflight(args):
     if args.max_iters is not None and args.max_iters <= 0:
         fail("--max-iters must be positive")
     check_output_dir(args.out)
-    # Under torchrun --max-restarts, a restarted job continues from its last checkpoint by itself.
+    resolve_resume(args)
+
+
+def resolve_resume(args):
+    """--resume needs a checkpoint; under torchrun --max-restarts a restarted job (restart count > 0)
+    continues from its last checkpoint by itself, with no flag."""
+    path = os.path.join(args.out, "checkpoint.pth")
+    if args.resume and not os.path.isfile(path):
+        fail(f"--resume: no checkpoint at {path}")
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    has_checkpoint = os.path.isfile(os.path.join(args.out, "checkpoint.pth"))
-    if args.resume and not has_checkpoint:
-        fail(f"--resume: no checkpoint at {os.path.join(args.out, 'checkpoint.pth')}")
-    if restarted and has_checkpoint and not args.init:
+    if restarted and os.path.isfile(path) and not getattr(args, "init", None):
         args.resume = True
+
+
+def run_or_exit(train_fn, args):
+    """Run training; the failures a user can fix (bad data, a checkpoint that does not fit,
+    divergence) end with their one-line message and exit status 1, not a traceback."""
+    try:
+        return train_fn(args)
+    except (data.DataError, ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def main(argv=None):
     args = get_args(argv)
     preflight(args)
-    try:
-        train(args)
-    except (data.DataError, ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    run_or_exit(train, args)
 
 
 if __name__ == "__main__":
