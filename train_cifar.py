@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 import data
 import encnet
 from syncbn import convert_sync_batchnorm
-from train_seg import (Progress, all_reduce_mean, check_output_dir, check_same_run, fail, load_checkpoint,
+from train_seg import (Progress, add_run_arguments, all_reduce_mean, check_output_dir, check_same_run, fail, load_checkpoint,
                        plain_args, resolve_resume, run_or_exit, save_checkpoint, seed_step, setup_distributed)
 
 
@@ -39,15 +39,8 @@ def get_args(argv=None):
                    help="learned smoothing factors instead of EncodingDrop")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=4, help="data loader processes per training process")
-    p.add_argument("--out", default="runs/cifar", help="checkpoints, TensorBoard logs and results go here")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth")
-    p.add_argument("--save-every", type=int, help="checkpoint every N iterations (default: once per epoch)")
-    p.add_argument("--val-every", type=int, default=10, help="test error every N epochs (and at the end)")
-    p.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU speed switch)")
-    p.add_argument("--channels-last", action="store_true", help="NHWC memory format (GPU speed switch)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--fail-at-iter", type=int, help=argparse.SUPPRESS)  # fault injection for the tests
+    g = add_run_arguments(p, out="runs/cifar", log_every=10.0)
+    g.add_argument("--val-every", type=int, default=10, help="test error every N epochs (and at the end)")
     return p.parse_args(argv)
 
 

@@ -86,17 +86,9 @@ def get_args(argv=None):
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--seed", type=int, default=0, help="seeds weights, data order, augmentation and dropout")
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default="runs/seg", help="checkpoints, TensorBoard logs and results go here")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth")
+    g = add_run_arguments(p, out="runs/seg", log_every=5.0)
     g.add_argument("--init", help="start from another run's checkpoint weights, fresh optimizer and schedule")
-    g.add_argument("--save-every", type=int, help="checkpoint every N iterations (default: once per epoch)")
     g.add_argument("--val-every", type=int, default=0, help="quick validation every N epochs (0: only at the end)")
-    g.add_argument("--log-every", type=float, default=5.0, help="seconds between progress lines")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast (GPU speed switch)")
-    g.add_argument("--channels-last", action="store_true", help="NHWC memory format (GPU speed switch)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--fail-at-iter", type=int, help=argparse.SUPPRESS)  # fault injection for the tests
     args = p.parse_args(argv)
     for key, value in DEFAULTS[args.data].items():
         if getattr(args, key) is None:
@@ -104,6 +96,20 @@ def get_args(argv=None):
     if args.pretrained in ("none", ""):
         args.pretrained = None
     return args
+
+
+def add_run_arguments(parser, out, log_every):
+    """The flags of a run that train_seg.py and train_cifar.py share. → the argument group."""
+    g = parser.add_argument_group("run")
+    g.add_argument("--out", default=out, help="checkpoints, TensorBoard logs and results go here")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth")
+    g.add_argument("--save-every", type=int, help="checkpoint every N iterations (default: once per epoch)")
+    g.add_argument("--log-every", type=float, default=log_every, help="seconds between progress lines")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast (GPU speed switch)")
+    g.add_argument("--channels-last", action="store_true", help="NHWC memory format (GPU speed switch)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--fail-at-iter", type=int, help=argparse.SUPPRESS)  # fault injection for the tests
+    return g
 
 
 # ----------------------------------------------------------------------------- process setup
