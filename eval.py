@@ -250,6 +250,9 @@ def main(argv=None):
         pix_acc, miou = metric.pixacc_miou()
         table = per_class_table(metric, dataset.classes)
         print(table)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"per_class_iou_{name}_{args.split}.txt"), "w") as f:
+            f.write(table + "\n")
         if name == "pcontext":  # Table 2's 60-class figure, derived as the released code does
             print(f"mIoU with background as a 60th class (59/60 · mIoU): {100 * miou * 59 / 60:.2f}")
         print(f"{name} {args.split}{' multi-scale' if args.multi_scale else ''}: "

@@ -22,6 +22,7 @@ exactly nn.BatchNorm{1,2,3}d and makes no collective call.
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def _channel_dims(x):  # reduce over every dim but the channels (dim 1)
@@ -33,16 +34,18 @@ def _per_channel(v, x):  # C → 1×C×1×…, broadcastable against x
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
+    """The elementwise passes use PyTorch's fused batch-norm kernels (on any device): F.batch_norm
+    in inference form applies given statistics, native_batch_norm_backward computes the local sums."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group):
         channels = x.shape[1]
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # statistics in ≥ fp32
+        stat_dtype = torch.promote_types(x.dtype, torch.float32)  # statistics in ≥ fp32, also for bf16 input
         count = x.numel() // channels
         if count > 0:
-            var, mean = torch.var_mean(xf, dim=_channel_dims(x), correction=0)
+            var, mean = torch.var_mean(x.to(stat_dtype), dim=_channel_dims(x), correction=0)
         else:  # an empty local batch still takes part in the collective
-            var = mean = xf.new_zeros(channels)
+            var = mean = x.new_zeros(channels, dtype=stat_dtype)
         mean, var = mean.double(), var.double()
         stats = torch.cat([mean.new_full((1,), count), count * mean, count * (var + mean * mean)])
         dist.all_reduce(stats, group=group)  # the one forward collective
@@ -55,32 +58,30 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             unbiased = var * (total / (total - 1).clamp_min(1))
             running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 
-        mean, invstd = mean.to(xf.dtype), torch.rsqrt(var + eps).to(xf.dtype)
-        weight = weight.to(xf.dtype) if weight is not None else torch.ones_like(mean)
-        bias = bias.to(xf.dtype) if bias is not None else torch.zeros_like(mean)
-        scale = weight * invstd
-        y = xf * _per_channel(scale, x) + _per_channel(bias - mean * scale, x)
-        ctx.save_for_backward(x, weight, mean, invstd, total.to(xf.dtype))
-        ctx.group = group  # (no .item() anywhere: a host sync per layer would stall the GPU)
-        return y.to(x.dtype)
+        mean, var = mean.to(stat_dtype), var.to(stat_dtype)
+        y = F.batch_norm(x, mean, var, weight, bias, training=False, eps=eps)  # (x − μ)/√(σ² + ε)·γ + β
+        ctx.save_for_backward(x, weight, mean, var, total.to(stat_dtype))
+        ctx.eps, ctx.group = eps, group  # (no .item() anywhere: a host sync per layer would stall the GPU)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        x, weight, mean, invstd, total = ctx.saved_tensors
-        dims = _channel_dims(x)
-        gy = grad_y.to(mean.dtype)
-        x_hat = (x.to(mean.dtype) - _per_channel(mean, x)) * _per_channel(invstd, x)
-        sum_gy = gy.sum(dims)  # local Σ∂y = ∂L/∂β on this rank
-        sum_gy_xhat = (gy * x_hat).sum(dims)  # local Σ∂y·x̂ = ∂L/∂γ on this rank
+        x, weight, mean, var, total = ctx.saved_tensors
+        invstd = torch.rsqrt(var + ctx.eps)
+        # local Σ∂y·x̂ (= ∂L/∂γ on this rank) and Σ∂y (= ∂L/∂β on this rank), in one fused pass
+        _, sum_gy_xhat, sum_gy = torch.ops.aten.native_batch_norm_backward(
+            grad_y, x, weight, None, None, mean, invstd, True, ctx.eps, [False, True, True])
 
         grad_x = None
         if ctx.needs_input_grad[0]:
-            sums = torch.cat([sum_gy, sum_gy_xhat])
+            sums = torch.cat([sum_gy, sum_gy_xhat]).to(mean.dtype)
             dist.all_reduce(sums, group=ctx.group)  # the one backward collective
             mean_gy, mean_gy_xhat = (sums / total).chunk(2)
-            grad_x = (gy - _per_channel(mean_gy, x) - x_hat * _per_channel(mean_gy_xhat, x))
-            grad_x = (grad_x * _per_channel(weight * invstd, x)).to(x.dtype)
+            scale = invstd if weight is None else weight * invstd
+            # ∂x = γ/σ · (∂y − mean(∂y) − x̂ · mean(∂y·x̂)): the x̂ terms as one affine batch-norm pass
+            grad_x = F.batch_norm(x, mean, var, -scale * mean_gy_xhat, -scale * mean_gy, training=False, eps=ctx.eps)
+            grad_x = grad_x.addcmul_(grad_y, _per_channel(scale, x).to(grad_x.dtype))
         # Parameter gradients stay local: DistributedDataParallel averages them across ranks.
         grad_weight = sum_gy_xhat if ctx.needs_input_grad[1] else None
         grad_bias = sum_gy if ctx.needs_input_grad[2] else None

@@ -294,8 +294,19 @@ def _syncbn_large_mean_worker(rank, world_size):
     assert rel < 1e-4, f"relative error {rel:.2e}"
     torch.testing.assert_close(bn.running_mean.double(), 0.1 * full64.mean((0, 2, 3)), rtol=1e-6, atol=0)
 
+    # bf16 input (as under autocast): statistics in fp32, output and input gradient in bf16
+    full = torch.randn(8, 3, 5, 5, generator=g)
+    projection = torch.randn(8, 3, 5, 5, generator=g)
+    ref_in = full.bfloat16().float().requires_grad_()
+    (F.batch_norm(ref_in, None, None, training=True) * projection).sum().backward()
+    x = full[4 * rank:4 * rank + 4].bfloat16().requires_grad_()
+    y = syncbn.SyncBatchNorm(3)(x)
+    (y.float() * projection[4 * rank:4 * rank + 4]).sum().backward()
+    assert y.dtype == x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad.float(), ref_in.grad[4 * rank:4 * rank + 4], rtol=2e-2, atol=2e-2)
 
-def test_syncbn_float32_large_mean_matches_float64():
+
+def test_syncbn_float32_large_mean_and_bf16():
     run_distributed(_syncbn_large_mean_worker, 2)
 
 
@@ -1167,9 +1178,10 @@ def test_real_layout_training_eval_cli_and_image_prediction(tmp_path):
         "--workers", 0, "--max-iters", 2, "--out", tmp_path / "run")
     checkpoint = tmp_path / "run" / "checkpoint.pth"
     assert json.loads((tmp_path / "run" / "results.json").read_text()).keys() == {"pixAcc", "mIoU"}
-    result = run("eval.py", "--checkpoint", checkpoint)  # dataset and root come from the checkpoint
+    result = run("eval.py", "--checkpoint", checkpoint, "--out", tmp_path / "eval")  # data from the checkpoint
     assert re_search(r"ade20k val: pixAcc [01]\.\d+ mIoU [01]\.\d+", result.stdout)
-    assert re_search(r"wall +(\d+\.\d+|absent)", result.stdout)  # the per-class table
+    assert re_search(r"wall +(\d+\.\d+|absent)", result.stdout)  # the per-class table, also saved
+    assert "wall" in (tmp_path / "eval" / "per_class_iou_ade20k_val.txt").read_text()
     result = run("eval.py", "--checkpoint", checkpoint, "--multi-scale", "--crop-size", 24)  # windows at 1.75×
     assert "ade20k val multi-scale: pixAcc" in result.stdout
 
