@@ -939,13 +939,17 @@ def weights(out_dir):
     return train_seg.load_checkpoint(os.path.join(out_dir, "checkpoint.pth"))["model"]
 
 
-def assert_same_weights(a, b, exact=True, rtol=1e-4, atol=1e-6):
+def assert_same_weights(a, b, exact=True, tol=1e-4):
+    """exact: bitwise equal. Otherwise equal up to float32 summation order: |a − b| ≤ tol · max|a| + 1e-6 per
+    tensor (an elementwise rtol fails on weights that pass near zero; measured runs differ by ≤ 1e-5 · max|a|)."""
     assert a.keys() == b.keys()
     for k in a:
         if exact:
             assert torch.equal(a[k], b[k]), k
         else:
-            torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
+            error = (a[k].double() - b[k].double()).abs().max().item()
+            scale = a[k].double().abs().max().item()
+            assert error <= tol * scale + 1e-6, f"{k}: max |difference| {error:.3g} at scale {scale:.3g}"
 
 
 def test_train_seg_end_to_end_single_process(tmp_path):

@@ -131,11 +131,21 @@ def setup_distributed():
     else:
         device = torch.device("cpu")
     if world > 1:
-        if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", store=worker_store(rank, world), rank=rank,
+                                world_size=world, device_id=device if cuda else None)
     return rank, world, device
+
+
+def worker_store(rank, world):
+    """The key-value store through which the workers find each other, fresh for every restart.
+
+    torchrun's agent keeps one store for the whole job, and with its default (static) rendezvous the keys of
+    the workers it restarted are still there: a restarted worker can read the address of a dead peer from
+    the previous attempt and fail with "Connection refused". A prefix per attempt keeps attempts apart."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True")
+    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def check_output_dir(path):
