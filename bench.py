@@ -51,6 +51,21 @@ def timeit(fn, repeat, warmup=2):
     return float(np.median(times))
 
 
+def timeit_alternating(fns, repeat, warmup=2):
+    """Median seconds of each of {name: fn}, run in turns (a, b, a, b, …): an alternative compared in a
+    ratio sees the same machine state, whatever the CPU's clock and caches do over the minutes."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
 class PeakMemory(TorchDispatchMode):
     """Peak bytes of tensors alive at once, counted op by op (CPU has no allocator statistics)."""
 
@@ -123,12 +138,11 @@ def bench_encoding(quick):
         torch.matmul(E, X), torch.matmul(E.transpose(1, 2), A)  # their gradient products
         torch.matmul(D.t(), G), torch.matmul(G, X.transpose(1, 2))
 
-    ours = timeit(fwd_bwd(layers.encode), repeat)
+    seconds = timeit_alternating({"ours": fwd_bwd(layers.encode), "six_matmuls": six_matmuls,
+                                  "plain_autograd": fwd_bwd(encoding_plain_autograd)}, repeat)
     result = {
         "shape": f"B={B} C={C} {H}x{W} K={K} fp32",
-        "ours_ms": 1e3 * ours,
-        "six_matmuls_ms": 1e3 * timeit(six_matmuls, repeat),
-        "plain_autograd_ms": 1e3 * timeit(fwd_bwd(encoding_plain_autograd), repeat),
+        **{f"{name}_ms": 1e3 * t for name, t in seconds.items()},
         "materialised_ms": 1e3 * timeit(fwd_bwd(encoding_materialised), max(2, repeat // 3), warmup=1),
         "ours_peak_MB": peak_bytes(fwd_bwd(layers.encode)) / 2**20,
         "materialised_peak_MB": peak_bytes(fwd_bwd(encoding_materialised)) / 2**20,
@@ -160,8 +174,9 @@ def bench_encoding(quick):
             torch.matmul(D, X16), torch.matmul(A16, X16.transpose(1, 2))
             torch.matmul(E16, X16), torch.matmul(E16.transpose(1, 2), A16)
             torch.matmul(D.t(), G16), torch.matmul(G16, X16.transpose(1, 2))
-        result["ade20k_b16_ours_ms"] = 1e3 * timeit(ours16, 5)
-        result["ade20k_b16_x_vs_six_matmuls"] = result["ade20k_b16_ours_ms"] / (1e3 * timeit(six16, 5))
+        seconds = timeit_alternating({"ours": ours16, "six_matmuls": six16}, 5)
+        result["ade20k_b16_ours_ms"] = 1e3 * seconds["ours"]
+        result["ade20k_b16_x_vs_six_matmuls"] = seconds["ours"] / seconds["six_matmuls"]
         result["ade20k_b16_residual_tensor_GB"] = 16 * H * W * K * C * 4 / 1e9
     return result
 
@@ -169,9 +184,12 @@ def bench_encoding(quick):
 # ----------------------------------------------------------------------------- 2. EncNet vs FCN
 
 def bench_models(quick):
+    """FLOPs and parameters of FCN and EncNet, and their forward+backward time, measured alternately
+    (FCN, EncNet, FCN, …) so that the CPU's drift over minutes falls on both alike."""
     from torch.utils.flop_counter import FlopCounterMode
     backbone, size = ("resnet18", 96) if quick else ("resnet50", 480)
-    result = {"setting": f"{backbone}, {size}x{size}, 150 classes, batch 1"}
+    result = {"setting": f"{backbone}, {size}x{size}, 150 classes; FLOPs at batch 1, time at batch 2"}
+    steps = {}
     for cls in (encnet.FCN, encnet.EncNet):
         name = cls.__name__
         with torch.device("meta"):
@@ -185,10 +203,12 @@ def bench_models(quick):
         model = cls(150, backbone).train()
         images, labels = torch.randn(2, 3, size, size), torch.randint(0, 150, (2, size, size))
 
-        def step():
+        def step(model=model, images=images, labels=labels):
             loss, _ = encnet.seg_loss(model(images), labels, 150)
             loss.backward()
-        result[f"{name}_fwd_bwd_s"] = timeit(step, 1 if not quick else 1, warmup=1)
+        steps[name] = step
+    for name, seconds in timeit_alternating(steps, 1 if quick else 5, warmup=1).items():
+        result[f"{name}_fwd_bwd_s"] = seconds
     result["flops_overhead_pct"] = 100 * (result["EncNet_GFLOPs_eval"] / result["FCN_GFLOPs_eval"] - 1)
     result["time_overhead_pct"] = 100 * (result["EncNet_fwd_bwd_s"] / result["FCN_fwd_bwd_s"] - 1)
     return result
@@ -402,11 +422,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=sorted(SECTIONS), action="append", help="run only these sections")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks that every section runs")
-    p.add_argument("--json", default="bench_results.json", help="where to write the results")
+    p.add_argument("--json", default="bench_results.json",
+                   help="where to write the results (with --only, the other sections already there are kept)")
     args = p.parse_args(argv)
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "torch": torch.__version__, "threads": torch.get_num_threads()}
-    results = {"machine": machine}
+    results = {}
+    if args.only and os.path.exists(args.json):
+        with open(args.json) as f:
+            results = json.load(f)
+    results["machine"] = machine
     for name in args.only or SECTIONS:
         start = time.time()
         results[name] = SECTIONS[name](args.quick)
