@@ -10,7 +10,8 @@ machine. Sections (--only NAME runs one):
     syncbn     SyncBatchNorm in 2 gloo processes vs local BatchNorm; collectives per step
     train      training images/s of EncNet and FCN on the built-in data (train_seg.py defaults)
     cifar      training images/s of the four Table-6 networks, i.e. the CPU time of one epoch
-    gpu        the same on a GPU, when one is present
+    gpu        on a GPU, when one is present: EncNet-ResNet50 training step in fp32 / bf16 / +channels_last /
+               +compile (images/s, memory, MFU), Encoding layer eager vs compiled
 
 Writes the table to stdout and to --json (default bench_results.json). --quick shrinks every
 section to seconds (used by the tests to keep this file working).
@@ -376,41 +377,91 @@ def bench_cifar(quick):
     return result
 
 
-def bench_gpu(quick):
-    """EncNet-ResNet50, crop 480, batch 16 on one GPU: fp32 / bf16 / + channels_last / + compile."""
-    if not torch.cuda.is_available():
-        return {"status": "not measured: no GPU on this machine"}
-    device = torch.device("cuda")
-    size, batch = (128, 2) if quick else (480, 16)
-    result = {"gpu": torch.cuda.get_device_name(), "setting": f"EncNet resnet50, {size}x{size}, batch {batch}"}
+# Dense bf16 tensor-core peak of the data sheets, TFLOP/s, for the model FLOPs utilisation (MFU) column.
+# Matched against torch.cuda.get_device_name(), first match wins.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312), ("L40S", 362), ("A10G", 70))
+
+
+def bench_gpu(quick, device=None):
+    """On one GPU: an EncNet-ResNet50 training step (crop 480, batch 16) in fp32 / bf16 autocast /
+    + channels_last / + torch.compile: images/s, peak memory, TFLOP/s and MFU; and the Encoding layer
+    eager vs compiled. `device` lets the tests run the same code on a CPU at --quick sizes."""
+    if device is None:
+        if not torch.cuda.is_available():
+            return {"status": "not measured: no GPU on this machine"}
+        device = torch.device("cuda")
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else str(device)
+    peak = next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
+    size, batch, backbone = (64, 2, "resnet18") if quick else (480, 16, "resnet50")
+    result = {"device": name, "setting": f"EncNet {backbone}, {size}x{size}, batch {batch}, 150 classes"}
+
+    def synchronised(fn):
+        def run():
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+        return run
+
     from torch.utils.flop_counter import FlopCounterMode
-    for label, amp, channels_last, compile_ in (("fp32", False, False, False), ("bf16", True, False, False),
-                                                ("bf16+channels_last", True, True, False),
-                                                ("bf16+channels_last+compile", True, True, True)):
+    variants = [("fp32", False, False, False), ("bf16", True, False, False), ("bf16+channels_last", True, True, False),
+                ("bf16+channels_last+compile", True, True, True)]
+    for label, amp, channels_last, compiled in variants:
+        if compiled and not cuda:
+            continue  # inductor builds C++ for minutes on a CPU
         torch.manual_seed(0)
-        model = encnet.EncNet(150, "resnet50").to(device).train()
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        model = model.to(memory_format=fmt)
-        net = torch.compile(model) if compile_ else model
+        model = encnet.EncNet(150, backbone).to(device, memory_format=fmt).train()
+        net = torch.compile(model) if compiled else model
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
         labels = torch.randint(0, 150, (batch, size, size), device=device)
 
+        @synchronised
         def step():
-            with torch.autocast("cuda", torch.bfloat16, enabled=amp):
+            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
                 out = net(images)
             loss, _ = encnet.seg_loss(out, labels, 150)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        seconds = timeit(step, 3 if quick else 20, warmup=3)
-        with FlopCounterMode(display=False) as counter:
-            step()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        seconds = timeit(step, 2 if quick else 20, warmup=1 if quick else 3)
+        if label == "fp32":  # the same arithmetic in every variant; counted eagerly, outside the compiler
+            with FlopCounterMode(display=False) as counter:
+                step()
+            flops = counter.get_total_flops()
+            result["GFLOP_per_step"] = flops / 1e9
+        tflops = flops / seconds / 1e12
         result[f"{label}_images_per_s"] = batch / seconds
-        result[f"{label}_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
-        result[f"{label}_TFLOP_per_s"] = counter.get_total_flops() / seconds / 1e12
+        result[f"{label}_TFLOP_per_s"] = tflops
+        if cuda:
+            result[f"{label}_peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if amp:
+            result[f"{label}_MFU_pct"] = 100 * tflops / peak if peak else f"no peak on record for {name}"
+
+    # the Encoding layer at the head's shape: eager (hand-written backward) vs compiled, and the
+    # plain autograd algebra compiled, which is what a compiler makes of it without the manual backward
+    B, C, H, W, K = (2, 64, 16, 16, 8) if quick else (4, 512, 60, 60, 32)
+    x = torch.randn(B, C, H, W, device=device, requires_grad=True)
+    codewords = (0.1 * torch.randn(K, C, device=device)).requires_grad_()
+    scale = torch.rand(K, device=device).requires_grad_()
+    functions = {"eager": layers.encode, "plain_autograd": encoding_plain_autograd}
+    if cuda:
+        functions.update(compiled=torch.compile(layers.encode),
+                         plain_autograd_compiled=torch.compile(encoding_plain_autograd))
+
+    def fwd_bwd(fn):
+        @synchronised
+        def step():
+            out = fn(x, codewords, scale)
+            out.backward(torch.ones_like(out))
+        return step
+    seconds = timeit_alternating({k: fwd_bwd(fn) for k, fn in functions.items()}, 3 if quick else 50,
+                                 warmup=1 if quick else 5)
+    for key, t in seconds.items():
+        result[f"encoding_{key}_ms"] = 1e3 * t
     return result
 
 

@@ -1281,3 +1281,15 @@ def test_bench_quick_runs_every_section(tmp_path):
     assert results["encoding"]["x_vs_six_matmuls"] > 0 and results["data"]["speedup"] > 0
     assert results["syncbn"]["sync_collectives_per_step"] == 2 and results["syncbn"]["local_collectives_per_step"] == 0
     assert results["models"]["flops_overhead_pct"] > 0
+    assert results["gpu"] == {"status": "not measured: no GPU on this machine"} or torch.cuda.is_available()
+
+
+def test_bench_gpu_section_runs_on_cpu():
+    # the GPU rows' code (autocast, channels_last, FLOP counting, Encoding eager vs plain) at tiny sizes,
+    # on the CPU this suite has; torch.compile and the memory statistics only run on a GPU
+    import bench
+    result = bench.bench_gpu(quick=True, device=torch.device("cpu"))
+    for label in ("fp32", "bf16", "bf16+channels_last"):
+        assert result[f"{label}_images_per_s"] > 0 and result[f"{label}_TFLOP_per_s"] > 0
+    assert result["GFLOP_per_step"] > 1 and result["encoding_eager_ms"] > 0
+    assert result["bf16_MFU_pct"] == "no peak on record for cpu"
