@@ -74,7 +74,8 @@ def per_class_table(metric, classes):
     """The per-class IoU table as text, for the console and OUT/per_class_iou.txt."""
     pix_acc, miou = metric.pixacc_miou()
     rows = [f"{'class':<24} {'IoU':>7}"]
-    rows += [f"{name:<24} {'absent' if v != v else f'{100 * v:6.2f}':>7}" for name, v in zip(classes, metric.iou().tolist())]
+    for name, iou in zip(classes, metric.iou().tolist()):
+        rows.append(f"{name:<24} {'absent' if iou != iou else f'{100 * iou:6.2f}':>7}")  # NaN: in neither labels nor predictions
     rows.append(f"{'pixAcc / mIoU':<24} {100 * pix_acc:6.2f} / {100 * miou:.2f}")
     return "\n".join(rows)
 

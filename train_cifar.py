@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader
 import data
 import encnet
 from syncbn import convert_sync_batchnorm
-from train_seg import (Progress, add_run_arguments, all_reduce_mean, check_output_dir, check_same_run, fail, load_checkpoint,
-                       plain_args, resolve_resume, run_or_exit, save_checkpoint, seed_step, setup_distributed)
+from train_seg import (Progress, add_run_arguments, all_reduce_mean, check_output_dir, check_same_run, fail,
+                       load_checkpoint, plain_args, resolve_resume, run_or_exit, save_checkpoint, seed_step,
+                       setup_distributed)
 
 
 def get_args(argv=None):

@@ -29,23 +29,15 @@ from syncbn import convert_sync_batchnorm
 
 # Hyperparameters of the paper (Sec. 3.1) per dataset; flags override them. The context entry
 # is sized so that `python train_seg.py` finishes in under 10 minutes on 2 CPU cores.
+PAPER_RECIPE = dict(batch_size=16, crop_size=480, base_size=520, backbone="resnet50", pretrained="imagenet",
+                    width=64, head_width=512, head_lr_mult=1.0, workers=8)
 DEFAULTS = {
-    "ade20k": dict(lr=0.01, epochs=120, batch_size=16, crop_size=480, base_size=520,
-                   backbone="resnet50", pretrained="imagenet", width=64, head_width=512, head_lr_mult=1.0,
-                   workers=8),
-    "pcontext": dict(lr=0.001, epochs=50, batch_size=16, crop_size=480, base_size=520,
-                     backbone="resnet50", pretrained="imagenet", width=64, head_width=512, head_lr_mult=1.0,
-                   workers=8),
-    "pascal_voc": dict(lr=0.001, epochs=50, batch_size=16, crop_size=480, base_size=520,
-                       backbone="resnet50", pretrained="imagenet", width=64, head_width=512, head_lr_mult=1.0,
-                   workers=8),
-    "pascal_aug": dict(lr=0.001, epochs=50, batch_size=16, crop_size=480, base_size=520,
-                       backbone="resnet50", pretrained="imagenet", width=64, head_width=512, head_lr_mult=1.0,
-                   workers=8),
+    "ade20k": dict(PAPER_RECIPE, lr=0.01, epochs=120),
+    "pcontext": dict(PAPER_RECIPE, lr=0.001, epochs=50),
+    "pascal_voc": dict(PAPER_RECIPE, lr=0.001, epochs=50),
+    "pascal_aug": dict(PAPER_RECIPE, lr=0.001, epochs=50),
     # COCO pretraining for VOC (Sec. 3.3): base lr 0.01 per the paper; it does not give the epochs.
-    "coco": dict(lr=0.01, epochs=30, batch_size=16, crop_size=480, base_size=520,
-                 backbone="resnet50", pretrained="imagenet", width=64, head_width=512, head_lr_mult=1.0,
-                 workers=8),
+    "coco": dict(PAPER_RECIPE, lr=0.01, epochs=30),
     "context": dict(lr=0.02, epochs=13, batch_size=16, crop_size=320, base_size=320, head_lr_mult=10.0,
                     backbone="resnet18", pretrained=None, width=16, head_width=64, workers=0),
 }
@@ -81,7 +73,8 @@ def get_args(argv=None):
     g.add_argument("--batch-size", type=int, help="global batch, split over processes (paper: 16)")
     g.add_argument("--epochs", type=int, help="paper: 120 ADE20K, 50 PASCAL")
     g.add_argument("--max-iters", type=int, help="total iterations (overrides --epochs)")
-    g.add_argument("--lr", type=float, help="base learning rate of the poly schedule (paper: 0.01 ADE20K, 0.001 others)")
+    g.add_argument("--lr", type=float,
+                   help="base learning rate of the poly schedule (paper: 0.01 ADE20K, 0.001 others)")
     g.add_argument("--head-lr-mult", type=float, help="lr multiplier of the head (paper: 1, released code: 10)")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=1e-4)
