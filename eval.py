@@ -75,7 +75,8 @@ def per_class_table(metric, classes):
     pix_acc, miou = metric.pixacc_miou()
     rows = [f"{'class':<24} {'IoU':>7}"]
     for name, iou in zip(classes, metric.iou().tolist()):
-        rows.append(f"{name:<24} {'absent' if iou != iou else f'{100 * iou:6.2f}':>7}")  # NaN: in neither labels nor predictions
+        # NaN: the class is in neither the labels nor the predictions
+        rows.append(f"{name:<24} {'absent' if iou != iou else f'{100 * iou:6.2f}':>7}")
     rows.append(f"{'pixAcc / mIoU':<24} {100 * pix_acc:6.2f} / {100 * miou:.2f}")
     return "\n".join(rows)
 
