@@ -16,15 +16,13 @@ import os
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import data
 import encnet
-from syncbn import convert_sync_batchnorm
-from train_seg import (Progress, add_run_arguments, all_reduce_mean, check_output_dir, check_same_run, fail,
-                       load_checkpoint, plain_args, resolve_resume, run_or_exit, save_checkpoint, seed_step,
-                       setup_distributed)
+from train_seg import (Progress, add_run_arguments, all_reduce_mean, check_output_dir, check_same_run, distribute,
+                       fail, iteration_plan, load_checkpoint, plain_args, resolve_resume, run_or_exit,
+                       save_checkpoint, seed_step, setup_distributed)
 
 
 def get_args(argv=None):
@@ -71,6 +69,10 @@ def test_top1(model, dataset, rank, world, device, args):
     return counts[0].item() / counts[1].item()
 
 
+def sgd(model, args):
+    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+
 def memory_format(args):
     return torch.channels_last if args.channels_last else torch.contiguous_format
 
@@ -89,25 +91,11 @@ def train(args):
     model = encnet.build_cifar(args.model, args.encoding_drop)
     if checkpoint is not None:
         encnet.load_strict(model, checkpoint["model"], checkpoint_path)
-    if world > 1:
-        model = convert_sync_batchnorm(model)  # the paper trained on 2 GPUs with synchronized BN
-    model = model.to(device, memory_format=memory_format(args))
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
-    if args.compile:
-        net = torch.compile(net)
+    # SyncBatchNorm when distributed: the paper trained on 2 GPUs with synchronized BN
+    model, net, optimizer = distribute(model, sgd, args, world, device, checkpoint)
 
-    iters_per_epoch = len(train_set) // args.batch_size
-    if iters_per_epoch == 0:
-        raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images")
+    iters_per_epoch, save_every, it, sampler = iteration_plan(len(train_set), args, checkpoint, rank, world)
     total_iters = args.epochs * iters_per_epoch
-    save_every = args.save_every or iters_per_epoch
-    it = checkpoint["iter"] if checkpoint is not None else 0
-    sampler = data.ShardedBatchSampler(len(train_set), args.batch_size, rank, world, seed=args.seed)
     writer = None
     if is_main:
         from torch.utils.tensorboard import SummaryWriter

@@ -300,15 +300,32 @@ def build_model(args, world, device, checkpoint, checkpoint_path):
     if checkpoint is not None:
         encnet.load_strict(model, checkpoint["model"], checkpoint_path)
 
+    return distribute(model, build_optimizer, args, world, device, checkpoint)
+
+
+def distribute(model, make_optimizer, args, world, device, checkpoint):
+    """SyncBatchNorm when distributed, device and memory format, the optimizer (its state restored on
+    resume), DDP and torch.compile. → (model, net: what the training step calls, optimizer)."""
     if world > 1:
         model = convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-    optimizer = build_optimizer(model, args)
+    optimizer = make_optimizer(model, args)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
     return model, torch.compile(net) if args.compile else net, optimizer
+
+
+def iteration_plan(num_images, args, checkpoint, rank, world):
+    """A run over num_images training images in global batches of --batch-size. → (iterations per
+    epoch, checkpoint interval, the iteration to start from, the sampler of this process's batches)."""
+    iters_per_epoch = num_images // args.batch_size
+    if iters_per_epoch == 0:
+        raise ValueError(f"--batch-size {args.batch_size} is larger than the {num_images} training images")
+    start = checkpoint["iter"] if checkpoint is not None else 0
+    sampler = data.ShardedBatchSampler(num_images, args.batch_size, rank, world, seed=args.seed)
+    return iters_per_epoch, args.save_every or iters_per_epoch, start, sampler
 
 
 def train(args):
@@ -328,13 +345,8 @@ def train(args):
     model, net, optimizer = build_model(args, world, device, checkpoint, checkpoint_path)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
-    iters_per_epoch = len(train_set) // args.batch_size
-    if iters_per_epoch == 0:
-        raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images")
+    iters_per_epoch, save_every, it, sampler = iteration_plan(len(train_set), args, checkpoint, rank, world)
     total_iters = args.max_iters or args.epochs * iters_per_epoch
-    save_every = args.save_every or iters_per_epoch
-    it = checkpoint["iter"] if checkpoint is not None else 0
-    sampler = data.ShardedBatchSampler(len(train_set), args.batch_size, rank, world, seed=args.seed)
     writer = None
     if is_main:
         from torch.utils.tensorboard import SummaryWriter
