@@ -42,14 +42,7 @@ import syncbn
 
 def timeit(fn, repeat, warmup=2):
     """Median seconds of fn() over `repeat` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return timeit_alternating({"fn": fn}, repeat, warmup)["fn"]
 
 
 def timeit_alternating(fns, repeat, warmup=2):
