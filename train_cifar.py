@@ -5,7 +5,7 @@
 
 Recipe of the paper: SGD momentum 0.9, weight decay 5e-4, batch 128, cosine learning rate over 600
 epochs (base 0.1 as released), MSRA initialisation, 4-pixel pad + random crop + flip, EncodingDrop
-in the EncNets. Same habits as train_seg.py: torchrun/DDP with SyncBatchNorm, atomic checkpoints
+in the EncNets. The same loop as train_seg.py (run.py's plumbing): torchrun/DDP with SyncBatchNorm, atomic checkpoints
 and --resume, TensorBoard, a progress line; the final test top-1 accuracy goes to OUT/results.json.
 """
 import argparse
@@ -20,13 +20,14 @@ from torch.utils.data import DataLoader
 
 import data
 import encnet
-from train_seg import (Progress, add_run_arguments, all_reduce_mean, check_output_dir, check_same_run, distribute,
-                       fail, iteration_plan, load_checkpoint, plain_args, resolve_resume, run_or_exit,
-                       save_checkpoint, seed_step, setup_distributed)
+import run
+
+# Arguments that must agree between a checkpoint and the command that resumes it.
+RUN_DEFINING = ("model", "epochs", "batch_size", "lr", "momentum", "weight_decay", "encoding_drop", "seed")
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=run.HelpFormatter)
     p.add_argument("--model", default="encnet16k64d", choices=sorted(encnet.CIFAR_MODELS), help="a Table-6 network")
     p.add_argument("--data-root", required=True, help="folder holding cifar-10-batches-py")
     p.add_argument("--epochs", type=int, default=600, help="paper: 600")
@@ -37,10 +38,23 @@ def get_args(argv=None):
     p.add_argument("--no-encoding-drop", dest="encoding_drop", action="store_false",
                    help="learned smoothing factors instead of EncodingDrop")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=4, help="data loader processes per training process")
-    g = add_run_arguments(p, out="runs/cifar", log_every=10.0)
+    p.add_argument("--workers", type=int, default=run.default_workers(4),
+                   help="data loader processes per training process (4, capped at the CPU cores)")
+    g = run.add_run_arguments(p, out="runs/cifar", log_every=10.0)
     g.add_argument("--val-every", type=int, default=10, help="test error every N epochs (and at the end)")
     return p.parse_args(argv)
+
+
+def check_args(args):
+    run.check_run_args(args)
+    if not os.path.isdir(args.data_root):
+        run.fail(f"--data-root {args.data_root} does not exist")
+
+
+# ----------------------------------------------------------------------------- the recipe's pieces
+
+def build_optimizer(model, args):
+    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
 
 
 def cosine_lr(optimizer, base_lr, it, total_iters):
@@ -55,13 +69,14 @@ def test_top1(model, dataset, rank, world, device, args):
     """Top-1 accuracy on the test set, sharded over processes and summed."""
     model.eval()
     subset = torch.utils.data.Subset(dataset, data.shard_indices(len(dataset), rank, world))
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     counts = torch.zeros(2, dtype=torch.int64, device=device)  # [correct, seen]
     with torch.no_grad():
         for images, labels in DataLoader(subset, batch_size=256, num_workers=args.workers):
             images = data.normalize(images.to(device), data.CIFAR_MEAN, data.CIFAR_STD)
             labels = labels.to(device)
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-                logits = model(images.contiguous(memory_format=memory_format(args)))
+                logits = model(images.contiguous(memory_format=memory_format))
             counts += torch.stack([(logits.argmax(1) == labels).sum(), labels.new_tensor(len(labels))])
     if world > 1:
         dist.all_reduce(counts)
@@ -69,109 +84,117 @@ def test_top1(model, dataset, rank, world, device, args):
     return counts[0].item() / counts[1].item()
 
 
-def sgd(model, args):
-    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+def final_evaluation(model, dataset, rank, world, device, args, writer, it):
+    """Test top-1 → results.json and TensorBoard. → top-1 (fraction)."""
+    top1 = test_top1(model, dataset, rank, world, device, args)
+    if rank == 0:
+        writer.add_scalar("test/error", 1 - top1, it)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump({"top1": top1}, f)
+        print(f"final: test top-1 {top1:.4f} ({args.model}, {it} iterations) → {args.out}/results.json", flush=True)
+    return top1
 
 
-def memory_format(args):
-    return torch.channels_last if args.channels_last else torch.contiguous_format
-
+# ----------------------------------------------------------------------------- training
 
 def train(args):
-    rank, world, device = setup_distributed()
+    rank, world, device = run.setup_distributed()
     is_main = rank == 0
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same initial weights on every process
     train_set = data.get_dataset("cifar10", args.data_root, "train", seed=args.seed)
     test_set = data.get_dataset("cifar10", args.data_root, "test")
-    checkpoint_path = os.path.join(args.out, "checkpoint.pth")
-    checkpoint = load_checkpoint(checkpoint_path) if args.resume else None
-    if checkpoint is not None:
-        check_same_run(checkpoint["args"], args, checkpoint_path, RUN_DEFINING)
 
+    checkpoint_path = os.path.join(args.out, "checkpoint.pth")
+    checkpoint = run.load_checkpoint(checkpoint_path) if args.resume else None
+    if checkpoint is not None:
+        run.check_same_run(checkpoint["args"], args, checkpoint_path, RUN_DEFINING)
     model = encnet.build_cifar(args.model, args.encoding_drop)
     if checkpoint is not None:
         encnet.load_strict(model, checkpoint["model"], checkpoint_path)
     # SyncBatchNorm when distributed: the paper trained on 2 GPUs with synchronized BN
-    model, net, optimizer = distribute(model, sgd, args, world, device, checkpoint)
+    model, net = run.distribute(model, world, device, args.channels_last, args.compile)
+    optimizer = build_optimizer(model, args)
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
-    iters_per_epoch, save_every, it, sampler = iteration_plan(len(train_set), args, checkpoint, rank, world)
-    total_iters = args.epochs * iters_per_epoch
+    plan = run.schedule(len(train_set), args.batch_size, args.epochs, save_every=args.save_every)
+    it = checkpoint["iter"] if checkpoint is not None else 0
+    sampler = data.ShardedBatchSampler(len(train_set), args.batch_size, rank, world, seed=args.seed)
     writer = None
     if is_main:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(args.out)
         params = sum(p.numel() for p in model.parameters())
         print(f"{args.model} ({params / 1e6:.2f}M parameters) on CIFAR-10, {world} process(es) on {device.type}, "
-              f"{total_iters} iterations from {it}", flush=True)
-    progress = Progress(args.log_every, total_iters, it, args.batch_size, device)
+              f"{plan.total_iters} iterations from {it}", flush=True)
+    progress = run.Progress(args.log_every, plan.total_iters, it, args.batch_size, device)
+    stats, stop = run.StepStats(world), run.StopRequest()
 
-    while it < total_iters:
-        epoch = it // iters_per_epoch
-        sampler.set_epoch(epoch, start_batch=it % iters_per_epoch)
+    def save_checkpoint(it):
+        run.check_finite_weights(model, it, checkpoint_path)
+        if is_main:
+            run.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
+                                 "epoch": it // plan.iters_per_epoch, "args": run.plain_args(args)}, checkpoint_path)
+
+    while it < plan.total_iters:
+        epoch = it // plan.iters_per_epoch
+        sampler.set_epoch(epoch, start_batch=it % plan.iters_per_epoch)  # mid-epoch resume skips seen batches
         train_set.set_epoch(epoch)
         loader = DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers,
-                            pin_memory=device.type == "cuda")
+                            pin_memory=device.type == "cuda", worker_init_fn=run.ignore_interrupts)
         for images, labels in loader:
-            if args.fail_at_iter == it and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and is_main:
-                os.kill(os.getpid(), 9)  # simulate a crashed worker (tests only)
-            seed_step(args.seed, it, rank)  # EncodingDrop's draws depend only on (seed, iteration, rank)
-            lr = cosine_lr(optimizer, args.lr, it, total_iters)
+            # data
+            run.seed_step(args.seed, it, rank)  # EncodingDrop's draws depend only on (seed, iteration, rank)
+            lr = cosine_lr(optimizer, args.lr, it, plan.total_iters)
             images = data.normalize(images.to(device, non_blocking=True), data.CIFAR_MEAN, data.CIFAR_STD)
             labels = labels.to(device, non_blocking=True)
+            # forward
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-                logits = net(images.contiguous(memory_format=memory_format(args)))
+                logits = net(images.contiguous(memory_format=memory_format))
+            # loss (every process holds the same number of images: the mean is the global mean)
             loss = F.cross_entropy(logits.float(), labels)
             error = (logits.argmax(1) != labels).float().mean()
-            loss_value, error_value = all_reduce_mean(torch.stack([loss.detach(), error]), world).tolist()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"non-finite loss {loss_value} at iteration {it} (epoch {epoch}); "
-                                         f"the last good checkpoint {checkpoint_path} is untouched")
+            # backward
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # stays on the device
+            # step
             optimizer.step()
+            stats.add(it, loss=loss, error=error, grad_norm=grad_norm, lr=lr)
             it += 1
-            if is_main:
-                progress.maybe_print(epoch, it, {"loss": loss_value, "error": error_value}, lr)
-                writer.add_scalar("train/loss", loss_value, it)
-                writer.add_scalar("train/error", error_value, it)
-                writer.add_scalar("train/lr", lr, it)
-            if (it % save_every == 0 or it % iters_per_epoch == 0) and is_main:
-                save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
-                                 "epoch": it // iters_per_epoch, "args": plain_args(args)}, checkpoint_path)
-            if it == total_iters:
+            # log: the loop's only wait for the device, every run.SYNC_EVERY iterations and before a checkpoint
+            stopping = False
+            if it % run.SYNC_EVERY == 0 or plan.checkpoint_due(it):
+                steps, stopping = stats.sync(bool(stop))
+                run.log_steps(steps, writer, progress, epoch, it, checkpoint_path)
+            # checkpoint
+            if plan.checkpoint_due(it) or stopping:
+                save_checkpoint(it)
+            if stopping:
+                raise run.Interrupted(stop.signum, it, checkpoint_path)
+            if it == plan.total_iters:
                 break
-        epochs_done = it // iters_per_epoch
-        if it < total_iters and it % iters_per_epoch == 0 and epochs_done % args.val_every == 0:
+        epochs_done = it // plan.iters_per_epoch
+        if it < plan.total_iters and it % plan.iters_per_epoch == 0 and epochs_done % args.val_every == 0:
             top1 = test_top1(model, test_set, rank, world, device, args)
             if is_main:
                 print(f"epoch {epochs_done} | test top-1 {top1:.4f} (error {100 * (1 - top1):.2f}%)", flush=True)
                 writer.add_scalar("test/error", 1 - top1, it)
+    stop.restore()
 
-    top1 = test_top1(model, test_set, rank, world, device, args)
+    result = final_evaluation(model, test_set, rank, world, device, args, writer, it)
     if is_main:
-        writer.add_scalar("test/error", 1 - top1, it)
         writer.close()
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump({"top1": top1}, f)
-        print(f"final: test top-1 {top1:.4f} ({args.model}, {it} iterations) → {args.out}/results.json", flush=True)
     if world > 1:
         dist.destroy_process_group()
-    return top1
-
-
-RUN_DEFINING = ("model", "epochs", "batch_size", "lr", "momentum", "weight_decay", "encoding_drop", "seed")
+    return result
 
 
 def main(argv=None):
     args = get_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size % world:
-        fail(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
-    if not os.path.isdir(args.data_root):
-        fail(f"--data-root {args.data_root} does not exist")
-    check_output_dir(args.out)
-    resolve_resume(args)
-    run_or_exit(train, args)
+    check_args(args)
+    run.run_or_exit(train, args, user_errors=(data.DataError,))
 
 
 if __name__ == "__main__":

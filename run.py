@@ -1,0 +1,418 @@
+"""One training run under torchrun: the plumbing that train_seg.py and train_cifar.py share.
+
+    add_run_arguments   the run flags (--out, --resume, --save-every, --log-every, --amp, ...)
+    check_run_args      what can be checked before any work, each a one-line error (`fail`)
+    setup_distributed   process group (NCCL on GPUs, gloo on CPU) with a store fresh for every restart
+    distribute          SyncBatchNorm, device, memory format, DDP and torch.compile around a model
+    save_checkpoint     atomic write; load_checkpoint: weights_only, never someone else's code
+    Schedule            iterations per epoch, total iterations, checkpoint interval
+    StepStats           the per-step numbers, kept on the device and read every few iterations
+    StopRequest         Ctrl-C / SIGTERM: checkpoint at the current iteration, then exit
+    run_or_exit         the failures a user can fix end with one line, not a traceback
+
+Imports torch and syncbn only: nothing here knows about datasets or models.
+"""
+import argparse
+import math
+import os
+import shlex
+import signal
+import sys
+import time
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from syncbn import convert_sync_batchnorm
+
+
+# ----------------------------------------------------------------------------- flags
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the docstring's layout and shows each flag's default (where it has one)."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings and "%(default)" not in help:
+            help += " (default: %(default)s)"
+        return help
+
+
+def add_run_arguments(parser, out, log_every):
+    """The flags of a run that train_seg.py and train_cifar.py share. → the argument group."""
+    g = parser.add_argument_group("run")
+    g.add_argument("--out", default=out, help="checkpoints, TensorBoard logs and results go here")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth")
+    g.add_argument("--save-every", type=int, help="checkpoint every N iterations (default: once per epoch)")
+    g.add_argument("--log-every", type=float, default=log_every, help="seconds between progress lines")
+    g.add_argument("--amp", action="store_true",
+                   help="bf16 autocast: a GPU speed switch (slow on CPUs without native bf16)")
+    g.add_argument("--channels-last", action="store_true", help="NHWC memory format (GPU speed switch)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    return g
+
+
+def available_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_workers(wanted):
+    """Data loader processes per training process: `wanted`, capped at the cores this process may use
+    (more only compete for them, and PyTorch warns about it)."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(0, min(wanted, available_cores() // local_world))
+
+
+def cpu_has_fast_bf16():
+    """Native bf16 arithmetic (AVX512-BF16 or AMX); without it bf16 kernels are emulated and slow."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def fail(message):
+    """Stop before any work with one clear message (rank 0 prints it), no traceback."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def warn(message):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"{os.path.basename(sys.argv[0])}: warning: {message}", file=sys.stderr, flush=True)
+
+
+def check_run_args(args):
+    """The run flags, checked before any work: each problem is one line, and nothing is created."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        fail(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    for flag in ("epochs", "max_iters", "save_every", "batch_size"):
+        value = getattr(args, flag, None)
+        if value is not None and value <= 0:
+            fail(f"--{flag.replace('_', '-')} {value}: must be positive")
+    check_output_dir(args.out)
+    if args.amp and not torch.cuda.is_available() and not cpu_has_fast_bf16():
+        warn("--amp on a CPU without native bf16 (AVX512-BF16/AMX): bf16 is emulated there and "
+             "runs many times slower than float32 (15× measured on an AVX2 CPU); leave --amp off on this machine")
+    resolve_resume(args)
+
+
+def check_output_dir(path):
+    """--out must be creatable and writable; it is created later, once the data and weights are there."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        fail(f"--out {path} is not writable ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"--out {path} is not writable (no write permission on {existing})")
+
+
+def resolve_resume(args):
+    """--resume needs a checkpoint; under torchrun --max-restarts a restarted job (restart count > 0)
+    continues from its last checkpoint by itself, with no flag."""
+    path = os.path.join(args.out, "checkpoint.pth")
+    if args.resume and not os.path.isfile(path):
+        fail(f"--resume: no checkpoint at {path}")
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if restarted and os.path.isfile(path) and not getattr(args, "init", None):
+        args.resume = True
+
+
+# ----------------------------------------------------------------------------- processes and devices
+
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on GPUs, gloo on CPU. → (rank, world, device)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", store=worker_store(rank, world), rank=rank,
+                                world_size=world, device_id=device if cuda else None)
+    return rank, world, device
+
+
+def worker_store(rank, world):
+    """The key-value store through which the workers find each other, fresh for every restart.
+
+    torchrun's agent keeps one store for the whole job, and with its default (static) rendezvous the keys of
+    the workers it restarted are still there: a restarted worker can read the address of a dead peer from
+    the previous attempt and fail with "Connection refused". A prefix per attempt keeps attempts apart."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True")
+    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def distribute(model, world, device, channels_last=False, compile=False):
+    """Everything around a model that a multi-process, multi-device run needs, in this order:
+    BatchNorm → SyncBatchNorm (more than one process), move to the device and memory format, DDP,
+    torch.compile. → (model: the plain module, for state_dict and evaluation; net: what the training
+    step calls)."""
+    if world > 1:
+        model = convert_sync_batchnorm(model)
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    return model, torch.compile(net) if compile else net
+
+
+def seed_step(seed, step, rank):
+    """Seed torch's RNG (dropout, EncodingDrop) from (seed, step, rank): a resumed run draws the
+    same numbers as an uninterrupted one without storing RNG states."""
+    torch.manual_seed((seed * 1_000_003 + step) * 1009 + rank)
+
+
+def ignore_interrupts(worker_id):
+    """DataLoader worker_init_fn: Ctrl-C reaches every process of the terminal's group, workers too; they
+    leave it to the training process, which checkpoints and shuts them down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(state, path):
+    """Atomic write: temp file, fsync, rename. A crash at any moment leaves the previous file intact."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True: tensors and plain values only, never someone else's code."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no checkpoint there")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the unpickler's refusal, or a damaged file
+        raise ValueError(f"{path}: refused to load, it is not a plain checkpoint of tensors and values "
+                         f"(loaded with weights_only=True): {str(e).splitlines()[0]}") from None
+
+
+def plain_args(args):
+    """The run's arguments as a dict of str/int/float/bool/None/list, safe under weights_only."""
+    return {k: v for k, v in vars(args).items() if v is None or isinstance(v, (str, int, float, bool, list))}
+
+
+def check_same_run(saved, args, path, keys):
+    """--resume continues a run: the arguments in `keys` must be those the checkpoint was made with."""
+    differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} in the checkpoint, {getattr(args, k)!r} now"
+              for k in keys if saved.get(k) != getattr(args, k)]
+    if differ:
+        raise ValueError(f"--resume: {path} belongs to a different run:\n  " + "\n  ".join(differ))
+
+
+def check_finite_weights(model, it, checkpoint_path):
+    """Never replace a good checkpoint with a diverged model."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise FloatingPointError(f"non-finite weights after iteration {it}; "
+                                 f"the last good checkpoint {checkpoint_path} is untouched")
+
+
+# ----------------------------------------------------------------------------- the loop's bookkeeping
+
+class Schedule(NamedTuple):
+    """How long a run is, in iterations of one global batch (the last incomplete batch is dropped)."""
+    iters_per_epoch: int
+    total_iters: int
+    save_every: int  # checkpoint interval (also at every epoch's end and at the last iteration)
+
+    def checkpoint_due(self, it):
+        return it % self.save_every == 0 or it % self.iters_per_epoch == 0 or it == self.total_iters
+
+
+def schedule(num_images, batch_size, epochs, max_iters=None, save_every=None):
+    iters_per_epoch = num_images // batch_size
+    if iters_per_epoch == 0:
+        raise ValueError(f"--batch-size {batch_size} is larger than the {num_images} training images")
+    return Schedule(iters_per_epoch, max_iters or epochs * iters_per_epoch, save_every or iters_per_epoch)
+
+
+# How often the host reads the per-step numbers. Each read waits for the device to finish the
+# queued steps; between reads a GPU runs ahead of Python. Checkpoints and the last step read too.
+SYNC_EVERY = 10
+
+
+class StepStats:
+    """The per-step numbers of a run (loss terms, gradient norm, lr), kept on the device.
+
+    `sync()` is the one place where the loop waits for the device: one all-reduce of all steps since
+    the last sync (averaged over processes) plus the stop request, then one copy to the host. Every
+    process gets the same numbers, so all of them detect a non-finite step, and a stop request, at
+    the same iteration and leave together: none is left waiting in a collective.
+    """
+
+    def __init__(self, world):
+        self.world = world
+        self.names, self.pending = None, []  # pending: [(iteration, 1-D tensor, one value per name)]
+
+    def add(self, it, **values):
+        """it: the iteration (from 0) these values belong to; values: 0-d tensors or numbers."""
+        self.names = self.names or list(values)
+        device = next((v.device for v in values.values() if torch.is_tensor(v)), None)
+        self.pending.append((it, torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).detach()
+                                              for v in values.values()])))
+
+    def sync(self, stop_requested=False):
+        """→ ([(iteration, {name: value})] of the steps since the last sync, whether any process asked to stop)."""
+        its = [it for it, _ in self.pending]
+        flags = torch.tensor([float(stop_requested)])
+        if self.pending:
+            flags = flags.to(self.pending[0][1].device)
+        flat = torch.cat([*(v for _, v in self.pending), flags])
+        if self.world > 1:
+            dist.all_reduce(flat)
+        *values, stop = flat.tolist()  # host sync
+        width = len(self.names or [])
+        steps = [(it, {n: v / self.world for n, v in zip(self.names, values[i * width:(i + 1) * width])})
+                 for i, it in enumerate(its)]
+        self.pending = []
+        return steps, stop > 0
+
+    @staticmethod
+    def check_finite(steps, checkpoint_path):
+        """Stop at the first step whose loss or gradient was not finite, naming it and its loss terms."""
+        for it, values in steps:
+            if not all(math.isfinite(v) for v in values.values()):
+                loss_finite = all(math.isfinite(v) for k, v in values.items() if k != "grad_norm")
+                terms = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if k != "lr")
+                raise FloatingPointError(f"non-finite {'gradient' if loss_finite else 'loss'} at iteration {it}: "
+                                         f"{terms}; the last good checkpoint {checkpoint_path} is untouched")
+
+
+def log_steps(steps, writer, progress, epoch, it, checkpoint_path):
+    """The steps of the last sync → divergence check (every process), TensorBoard and the progress line (rank 0)."""
+    StepStats.check_finite(steps, checkpoint_path)
+    if writer is None or not steps:
+        return
+    for step, values in steps:
+        for k, v in values.items():
+            writer.add_scalar(f"train/{k}", v, step + 1)
+    writer.add_scalar("train/images_per_s", progress.images_per_s(it), it)
+    last = steps[-1][1]
+    progress.maybe_print(epoch, it, {k: v for k, v in last.items() if k not in ("lr", "grad_norm")}, last["lr"])
+
+
+class Progress:
+    """A progress line every `every` seconds on rank 0: epoch, iteration, loss, lr, images/s, ETA."""
+
+    def __init__(self, every, total_iters, start_iter, global_batch, device):
+        self.every, self.total, self.global_batch, self.device = every, total_iters, global_batch, device
+        self.t0 = self.last = time.time()
+        self.start = start_iter
+
+    def images_per_s(self, it):
+        return (it - self.start) * self.global_batch / max(time.time() - self.t0, 1e-9)
+
+    def maybe_print(self, epoch, it, terms, lr):
+        now = time.time()
+        if now - self.last < self.every and it != self.total:
+            return
+        self.last = now
+        rate = (it - self.start) / max(now - self.t0, 1e-9)
+        eta = (self.total - it) / max(rate, 1e-9)
+        loss = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
+        mem = (f" | mem {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GiB"
+               if self.device.type == "cuda" else "")
+        print(f"epoch {epoch} | iter {it}/{self.total} | {loss} | lr {lr:.2e} | "
+              f"{self.images_per_s(it):.1f} img/s | eta {eta / 60:.1f} min{mem}", flush=True)
+
+
+class Interrupted(Exception):
+    """Raised by the loop once the checkpoint of a stop request is written. signum: the signal this
+    process received (None: another process was interrupted, and this one stops with it)."""
+
+    def __init__(self, signum, it, checkpoint_path):
+        by = signal.Signals(signum).name if signum else "an interrupted peer process"
+        super().__init__(f"stopped by {by} at iteration {it}; checkpoint saved to {checkpoint_path}. "
+                         f"Continue with: {resume_command()}")
+        self.exit_status = 128 + (signum or signal.SIGTERM)
+
+
+def resume_command():
+    """The command line that continues this run."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return "the same torchrun command with --resume"
+    argv = sys.argv if "--resume" in sys.argv else [*sys.argv, "--resume"]
+    return " ".join(shlex.quote(a) for a in ["python", *argv])
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM (what schedulers send before they kill) set a flag instead of killing.
+
+    The loop reads the flag at its next sync (`StepStats.sync`, all processes agreeing), writes a
+    checkpoint at that iteration and raises `Interrupted`. More signals change nothing: under torchrun a
+    worker gets Ctrl-C from the terminal and again from the agent.
+    """
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+
+    def __bool__(self):
+        return self.signum is not None
+
+    def restore(self):
+        """Back to the default handlers (after training: Ctrl-C then simply interrupts)."""
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def all_reduce_mean(values, world):
+    """Average a 1-D tensor over processes (a no-op for one process)."""
+    if world > 1:
+        dist.all_reduce(values)
+        values /= world
+    return values
+
+
+def one_line(error):
+    """The message of an error; for one re-raised from a DataLoader worker ("Caught DataError in
+    DataLoader worker process 0. Original Traceback …"), the original message alone."""
+    message = str(error)
+    if message.startswith("Caught ") and "Original Traceback" in message:
+        last = message.rstrip().splitlines()[-1]
+        message = last.split(": ", 1)[1] if ": " in last else last
+    return message
+
+
+def run_or_exit(train_fn, args, user_errors=()):
+    """Run training; the failures a user can fix (bad data, a checkpoint that does not fit,
+    divergence, a download that failed, Ctrl-C) end with their one-line message, not a traceback:
+    exit status 1, or 128 + the signal's number after an interruption."""
+    name = os.path.basename(sys.argv[0])
+    try:
+        return train_fn(args)
+    except Interrupted as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"{name}: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_status)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGINT)
+    except (ValueError, FileNotFoundError, FloatingPointError, *user_errors) as e:
+        print(f"{name}: error: {one_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(1)
