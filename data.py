@@ -1,12 +1,14 @@
 """Datasets, train-time augmentation and distributed batch sampling for EncNet.
 
-    get_dataset           ADE20K, PASCAL VOC (+SBD aug), PASCAL-Context, COCO→VOC, CIFAR-10 from their
-                          standard on-disk layouts; items are (3×H×W uint8 image, H×W int64 label, −1 = ignore)
+    get_dataset           ADE20K, PASCAL VOC (+SBD aug), PASCAL-Context, COCO→VOC, Cityscapes, CIFAR-10 from
+                          their standard on-disk layouts; items: (3×H×W uint8 image, H×W int64 label, −1 = ignore)
+    check_dataset         a fast parallel pass over a split (labels decoded, image headers read) before training
     augment_train         flip, scale, rotation and crop of the released code as ONE affine warp per sample
     normalize             uint8 → normalised float32, on the device after the transfer (a quarter of the bytes)
     ShardedBatchSampler   one global permutation per epoch, cut into global batches, each rank takes its slice
     shard_indices         validation sharding without padding, so metrics summed over ranks are exact
     dataset_info          class names and palette, for colouring predictions
+    train_ids_to_label_ids   Cityscapes classes → official label ids, for the benchmark server's PNGs
 
 Randomness. Every random number of a training item comes from np.random.default_rng([seed, epoch, index]):
 an item depends neither on the DataLoader's worker count nor on the number of processes, and a resumed
@@ -28,7 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw  # ImageFile.LOAD_TRUNCATED_IMAGES stays False: a truncated file must fail
+from PIL import Image  # ImageFile.LOAD_TRUNCATED_IMAGES stays False: a truncated file must fail
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet, as the pretrained backbones expect
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
@@ -134,27 +136,46 @@ def image_tensor(image):
 # ----------------------------------------------------------------------------------------------
 # Segmentation datasets
 
-def label_tables(first_class, num_classes, also_legal):
+def label_tables(class_values, also_legal):
     """The raw label values a dataset may contain, and the 256-entry raw value → class table.
 
-    Classes are the raw values first_class..first_class+num_classes−1; every other value (including 255,
-    the fill of augment_train, never a class here) maps to −1 = ignore.
+    Raw value class_values[i] is class i; every other value (including 255, the fill of augment_train,
+    never a class here) maps to −1 = ignore. Legal raw values: class_values and also_legal.
     """
+    class_values = list(class_values)
     legal = np.zeros(256, bool)
-    legal[first_class:first_class + num_classes] = True
+    legal[class_values] = True
     legal[list(also_legal)] = True
     lut = np.full(256, -1, np.int64)
-    lut[first_class:first_class + num_classes] = np.arange(num_classes)
+    lut[class_values] = np.arange(len(class_values))
     return legal, lut
 
 
-LABELS = {  # name: (raw value of class 0, number of classes, other legal raw values)
-    "ade20k": (1, 150, [0]),        # 0 = "other", ignored
-    "pascal_voc": (0, 21, [255]),   # 0 = background is a class, 255 = void
-    "pascal_aug": (0, 21, [255]),
-    "pcontext": (1, 59, [0]),       # 0 = background, ignored in the 59-class setting
-    "coco": (0, 21, []),            # generated from the annotations in VOC's classes
+# Cityscapes' 19 training classes (road, sidewalk, ..., bicycle) as the label ids of the gtFine
+# *_labelIds.png files (cityscapesscripts' labels.py; classes.json keeps the same list): index = class.
+CITYSCAPES_LABEL_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
+
+LABELS = {  # label format: (raw value of class 0, 1, ..., other legal raw values)
+    "ade20k": (range(1, 151), [0]),        # 0 = "other", ignored
+    "pascal_voc": (range(21), [255]),      # 0 = background is a class, 255 = void
+    "pascal_aug": (range(21), [255]),
+    "pcontext": (range(1, 60), [0]),       # 0 = background, ignored in the 59-class setting
+    "coco": (range(21), []),               # generated from the annotations in VOC's classes
+    "cityscapes": (CITYSCAPES_LABEL_IDS, range(34)),   # *_gtFine_labelIds.png: ids 0..33, 19 are classes
+    "cityscapes_train_ids": (range(19), [255]),        # *_gtFine_labelTrainIds.png: classes, 255 = ignore
 }
+
+
+def train_ids_to_label_ids(classes):
+    """Cityscapes class indices 0..18 (−1 = ignore → 0, 'unlabeled') → the official label ids, as uint8.
+
+    What the benchmark server expects in the PNGs it scores. classes: int array or tensor, any shape;
+    a tensor comes back as a tensor on its device.
+    """
+    table = np.array(CITYSCAPES_LABEL_IDS + [0], np.uint8)  # index −1 picks the last entry
+    if torch.is_tensor(classes):
+        return torch.from_numpy(table).to(classes.device)[classes.long()]
+    return table[np.asarray(classes)]
 
 
 def read_png_label(path):
@@ -170,14 +191,15 @@ class SegmentationDataset(torch.utils.data.Dataset):
     """(3×H×W uint8 image, H×W int64 label) items of one split.
 
     samples: list of (image path, label source); read_label(label source) → H×W uint8 raw label, and
-    str(label source) names it in error messages. mode: 'train' random augmentation to crop_size×crop_size,
-    'val' the whole image, 'center' short side resized to crop_size and centre-cropped.
+    str(label source) names it in error messages. labels: the key of LABELS for the raw values (default
+    name). mode: 'train' random augmentation to crop_size×crop_size, 'val' the whole image, 'center' short
+    side resized to crop_size and centre-cropped.
     """
 
-    def __init__(self, name, samples, read_label, crop_size, base_size, mode, seed):
+    def __init__(self, name, samples, read_label, crop_size, base_size, mode, seed, labels=None):
         self.samples, self.read_label = samples, read_label
         self.crop_size, self.base_size, self.mode, self.seed, self.epoch = crop_size, base_size, mode, seed, 0
-        self.legal, self.lut = label_tables(*LABELS[name])
+        self.legal, self.lut = label_tables(*LABELS[labels or name])
         info = dataset_info(name)
         self.classes, self.palette, self.num_classes = info["classes"], info["palette"], info["num_classes"]
 
@@ -187,7 +209,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def __getitem__(self, index):
+    def open_checked(self, index):
+        """(PIL image of item `index`, header read only; its H×W uint8 raw label), checked against each other.
+
+        DataError naming the file when either cannot be read, their sizes differ or the label has a value
+        the dataset does not define. The image's body is decoded later, when its scale is known.
+        """
         image_path, label_source = self.samples[index]
         with reading(image_path):
             image = Image.open(image_path)  # reads the header only: decoding waits for the crop's scale
@@ -195,12 +222,17 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if raw.shape != (image.height, image.width):
             raise DataError(f"{label_source}: label is {raw.shape[1]}×{raw.shape[0]} but image {image_path} "
                             f"is {image.width}×{image.height}")
-        illegal = np.flatnonzero(np.bincount(raw.ravel(), minlength=256) * ~self.legal)
-        if illegal.size:
+        if not np.take(self.legal, raw).all():  # a table look-up: 3× faster than a histogram of the values
+            illegal = np.flatnonzero(np.bincount(raw.ravel(), minlength=256) * ~self.legal)
             legal = np.flatnonzero(self.legal)
             runs = np.split(legal, np.flatnonzero(np.diff(legal) > 1) + 1)
             raise DataError(f"{label_source}: label value {illegal[0]}, legal values are "
                             + ", ".join(f"{r[0]}..{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs))
+        return image, raw
+
+    def __getitem__(self, index):
+        image_path = self.samples[index][0]
+        image, raw = self.open_checked(index)
         label = Image.fromarray(raw)
         with reading(image_path):
             if self.mode == "train":
@@ -252,6 +284,8 @@ def ade20k_samples(root, split):
         image_dir = require_dir(base / "images" / folder, "ade20k", layout)
         label_dir = require_dir(base / "annotations" / folder, "ade20k", layout)
         ids = sorted(f[:-4] for f in os.listdir(image_dir) if f.endswith(".jpg"))
+        if not ids:
+            raise DataError(f"ade20k: no images (*.jpg) in {image_dir}")
         samples += file_pairs("ade20k", ids, image_dir, label_dir)
     return samples
 
@@ -273,7 +307,10 @@ def voc_samples(name, root, split):
             list_file = base / "ImageSets" / lists / f"{part}.txt"
         if not list_file.is_file():
             raise DataError(f"{name}: split list {list_file} not found; expected {layout}")
-        samples += file_pairs(name, read_ids(list_file), image_dir, label_dir)
+        ids = read_ids(list_file)
+        if not ids:
+            raise DataError(f"{name}: split list {list_file} is empty")
+        samples += file_pairs(name, ids, image_dir, label_dir)
     return samples
 
 
@@ -315,14 +352,99 @@ def rle_string_counts(s):
     return counts
 
 
+# COCO polygons are rasterised as pycocotools does (rleFrPoly in its maskApi.c), so that labels are pixel for
+# pixel those of the released code and of every COCO tool: trace the outline on a 5× finer grid, keep the
+# points where the traced outline crosses a pixel column's centre line, and fill each column between them.
+# A pixel is in the mask when its centre is inside the polygon, up to the rounding of that fine grid; edge
+# pixels whose centre lies outside are not (Pillow's ImageDraw.polygon also draws the outline: masks ~7% larger).
+POLYGON_UPSAMPLE = 5
+POLYGON_REACH = 16  # vertices further than this many image sizes away are damaged data, not a polygon
+
+
+def polygon_walk(x, y):
+    """Every point of the closed outline through integer vertices (x[i], y[i]), as pycocotools walks it.
+
+    x, y: int64 arrays of the k vertices on the fine grid. Returns int64 arrays (u, v) of the walk: each edge
+    contributes max(|dx|, |dy|) + 1 points, one per step of its longer axis, the other coordinate rounded
+    half up; an edge starts where the previous one ended (the shared vertex appears twice).
+    """
+    xs, ys = x, y
+    xe, ye = np.roll(x, -1), np.roll(y, -1)  # edge i runs from vertex i to vertex i+1, the last one back to 0
+    dx, dy = np.abs(xe - xs), np.abs(ye - ys)
+    along_x = dx >= dy  # step along x (one point per column) or along y
+    # Each edge is computed from its end with the smaller stepping coordinate and then listed in walking
+    # order: the points of an edge do not depend on the direction it is walked in.
+    flip = np.where(along_x, xs > xe, ys > ye)
+    x0, x1 = np.where(flip, xe, xs), np.where(flip, xs, xe)
+    y0, y1 = np.where(flip, ye, ys), np.where(flip, ys, ye)
+    steps = np.where(along_x, dx, dy)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope = np.where(along_x, (y1 - y0) / dx, (x1 - x0) / dy)  # float64, as in the C code
+    slope[steps == 0] = 0  # a zero-length edge: one point (C computes 0/0 there; its value is never used)
+
+    edge = np.repeat(np.arange(len(x)), steps + 1)  # edge index of every walk point
+    d = np.arange(len(edge)) - np.repeat(np.cumsum(steps + 1) - (steps + 1), steps + 1)  # step within its edge
+    t = np.where(flip[edge], steps[edge] - d, d)
+    # minor coordinate: C's (int)(a + s·t + .5) truncates towards zero, which is not rounding below 0
+    minor = np.trunc(np.where(along_x[edge], y0[edge], x0[edge]) + slope[edge] * t + 0.5).astype(np.int64)
+    u = np.where(along_x[edge], x0[edge] + t, minor)
+    v = np.where(along_x[edge], minor, y0[edge] + t)
+    return u, v
+
+
+def polygon_boundaries(polygon, height, width):
+    """Sorted positions x·height + y where one polygon's mask switches (pycocotools' polygon → RLE).
+
+    polygon: [x1, y1, x2, y2, ...] in pixels (a trailing odd number is ignored, as pycocotools does).
+    In column-major order (COCO's RLE order) the mask is on between the 1st and 2nd position, the 3rd and
+    4th, ...; a position may repeat (an even number of repeats cancels). Positions lie in 0..height·width.
+    """
+    xy = np.asarray(polygon, np.float64).ravel()
+    k = len(xy) // 2
+    if k == 0:
+        return np.zeros(0, np.int64)
+    if not np.all(np.isfinite(xy)) or np.abs(xy).max() > POLYGON_REACH * max(height, width, 1):
+        raise ValueError(f"polygon vertex outside ±{POLYGON_REACH}× the image size or not finite")
+    scale = POLYGON_UPSAMPLE
+    # vertices on the fine grid, rounded as C's (int)(v + .5)
+    x = np.trunc(scale * xy[0:2 * k:2] + 0.5).astype(np.int64)
+    y = np.trunc(scale * xy[1:2 * k:2] + 0.5).astype(np.int64)
+    u, v = polygon_walk(x, y)
+
+    # Where the walk moves to the next fine column it may cross the centre line of a pixel column: the fine
+    # column boundary between c and c+1 is the centre of pixel column X when (c + .5)/scale − .5 = X.
+    moved = np.flatnonzero(u[1:] != u[:-1]) + 1
+    c = np.minimum(u[moved], u[moved - 1]).astype(np.float64)
+    column = (c + 0.5) / scale - 0.5
+    keep = (np.floor(column) == column) & (column >= 0) & (column <= width - 1)
+    # the crossing's row: the first pixel row whose centre is at or below the walk there, clamped to the image
+    row = (np.minimum(v[moved], v[moved - 1])[keep] + 0.5) / scale - 0.5
+    row = np.ceil(np.clip(row, 0, height))
+    return np.sort(column[keep].astype(np.int64) * height + row.astype(np.int64))
+
+
+def fill_boundaries(flat, positions):
+    """OR into flat (height·width bool, column-major) the runs between successive pairs of positions."""
+    if positions.size == 0:
+        return
+    first, last = positions[0], positions[-1]
+    # parity of the switches up to each pixel; only the span first..last can be on
+    switches = np.bincount(positions - first, minlength=last - first + 1).astype(np.uint8)
+    flat[first:last] |= (np.cumsum(switches[:-1], dtype=np.uint8) & 1).astype(bool)
+
+
 def segmentation_mask(segmentation, height, width):
-    """H×W bool mask of one COCO segmentation: polygons, or RLE with a list or compressed-string `counts`."""
-    if isinstance(segmentation, list):  # polygons [[x1, y1, x2, y2, ...], ...]
-        canvas = Image.new("L", (width, height))
-        draw = ImageDraw.Draw(canvas)
+    """H×W bool mask of one COCO segmentation, pixel for pixel pycocotools' annToMask.
+
+    segmentation: polygons [[x1, y1, x2, y2, ...], ...] (the union of the parts), or RLE {'counts': [run
+    lengths] or compressed string, 'size': [h, w]}. A part of fewer than 3 points is rasterised as any other
+    (pycocotools' polygon → RLE gives the same), where annToMask raises when the first part has ≤ 4 numbers.
+    """
+    if isinstance(segmentation, list):
+        flat = np.zeros(height * width, bool)  # column-major, as RLE runs
         for polygon in segmentation:
-            draw.polygon(polygon, fill=1)
-        return np.asarray(canvas) > 0
+            fill_boundaries(flat, polygon_boundaries(polygon, height, width))
+        return flat.reshape(width, height).T
     counts = segmentation["counts"]
     counts = rle_string_counts(counts) if isinstance(counts, str) else counts
     runs = np.zeros(len(counts), bool)
@@ -342,6 +464,13 @@ def coco_label(source):
     except (ValueError, TypeError, KeyError, IndexError) as e:
         raise DataError(f"{source}: bad segmentation ({e})") from None
     return label
+
+
+def coco_label_version():
+    """Hash of the code that turns annotations into labels (a selection cached by other code is stale)."""
+    code = "".join(inspect.getsource(f) for f in (rle_string_counts, polygon_walk, polygon_boundaries,
+                                                  fill_boundaries, segmentation_mask, coco_label))
+    return hashlib.sha1((code + repr((POLYGON_UPSAMPLE, CAT_LIST))).encode()).hexdigest()[:12]
 
 
 def coco_samples(root, split):
@@ -367,22 +496,25 @@ def coco_samples(root, split):
     except (ValueError, TypeError, KeyError) as e:
         raise DataError(f"coco: {annotation_file}: not a COCO instances file ({e!r})") from None
 
-    # Rasterising every image takes minutes on train2017, so the selection is cached beside the annotations.
+    # Rasterising every image takes minutes on train2017, so the selection is cached beside the annotations,
+    # keyed by the annotation file's size and by the code that rasterises: either changed, it is recomputed.
     cache = annotation_file.with_name(f"encnet_voc_index_{year}.json")
-    stamp = annotation_file.stat().st_size  # a replaced annotation file invalidates the cache
+    stamp = {"annotation_bytes": annotation_file.stat().st_size, "rasteriser": coco_label_version()}
     try:
         cached = json.loads(cache.read_text())
     except (OSError, ValueError):  # absent or unreadable: recompute
         cached = {}
-    if cached.get("annotation_bytes") == stamp:
+    if all(cached.get(key) == value for key, value in stamp.items()):
         ids = cached["ids"]
     else:
         ids = [i for i, source in sources.items() if np.count_nonzero(coco_label(source)) > 1000]
         try:
-            cache.write_text(json.dumps({"annotation_bytes": stamp, "ids": ids}))
+            cache.write_text(json.dumps({**stamp, "ids": ids}))
         except OSError as e:
             print(f"coco: cannot write the image selection cache {cache} ({e}); continuing without it",
                   file=sys.stderr)
+    if not ids:
+        raise DataError(f"coco: no image of {annotation_file} has more than 1,000 pixels of the VOC classes")
     present = set(os.listdir(image_dir))
     for i in ids:
         if images[i]["file_name"] not in present:
@@ -390,12 +522,58 @@ def coco_samples(root, split):
     return [(image_dir / images[i]["file_name"], sources[i]) for i in ids]
 
 
-def get_dataset(name, root, split, crop_size=480, base_size=520, mode=None, seed=0):
-    """The Dataset `name` ('context', 'ade20k', 'pascal_voc', 'pascal_aug', 'pcontext', 'coco', 'cifar10').
+def cityscapes_samples(root, split):
+    """Cityscapes fine annotations, as downloaded: (samples, key of LABELS for their label files).
 
-    split: 'train', 'val', or lists joined by '+' ('train+val'); 'train_aug' for pascal_aug; 'test' = 'val'
-    for cifar10. mode: 'train' (random augmentation), 'val' (whole image) or 'center'; by default 'val' for
-    the validation/test split, 'train' otherwise.
+    ROOT/leftImg8bit/SPLIT/CITY/X_leftImg8bit.png pairs with ROOT/gtFine/SPLIT/CITY/X_gtFine_labelIds.png
+    (label ids 0..33). When every image of the split also has X_gtFine_labelTrainIds.png (written by
+    cityscapesscripts' createTrainIdLabelImgs: classes 0..18, 255 = ignore), those are read instead: they
+    hold whatever class mapping the user chose there. ROOT may also be the parent of a 'cityscapes' folder.
+    """
+    root = Path(root)
+    base = root if (root / "leftImg8bit").is_dir() else root / "cityscapes"
+    layout = "ROOT/leftImg8bit/SPLIT/CITY/*_leftImg8bit.png and ROOT/gtFine/SPLIT/CITY/*_gtFine_labelIds.png"
+    image_suffix, ids_suffix = "_leftImg8bit.png", "_gtFine_labelIds.png"
+    train_ids_suffix = "_gtFine_labelTrainIds.png"
+    found = []  # (image path, label dir, stem, label files of its city)
+    for part in split.split("+"):
+        if part not in ("train", "val", "test"):
+            raise ValueError(f"cityscapes has splits train, val, test (or train+val), not {split!r}")
+        image_root = require_dir(base / "leftImg8bit" / part, "cityscapes", layout)
+        label_root = require_dir(base / "gtFine" / part, "cityscapes", layout)
+        cities = sorted(c for c in os.listdir(image_root) if (image_root / c).is_dir())
+        for city in sorted(set(os.listdir(label_root)) - set(cities)):
+            raise DataError(f"cityscapes: labels {label_root / city} have no images {image_root / city}")
+        part_found = []
+        for city in cities:
+            image_dir, label_dir = image_root / city, require_dir(label_root / city, "cityscapes", layout)
+            stems = sorted(f[:-len(image_suffix)] for f in os.listdir(image_dir) if f.endswith(image_suffix))
+            labels = set(os.listdir(label_dir))  # one listing, not a stat per file
+            for f in sorted(labels - {f"{stem}{ids_suffix}" for stem in stems}):
+                if f.endswith(ids_suffix):
+                    raise DataError(f"cityscapes: {label_dir / f} has no image {image_dir}/"
+                                    f"{f[:-len(ids_suffix)]}{image_suffix}")
+            part_found += [(image_dir / f"{stem}{image_suffix}", label_dir, stem, labels) for stem in stems]
+        if not part_found:
+            raise DataError(f"cityscapes: no images (CITY/*{image_suffix}) in {image_root}")
+        found += part_found
+    train_ids = all(f"{stem}{train_ids_suffix}" in labels for _, _, stem, labels in found)
+    suffix = train_ids_suffix if train_ids else ids_suffix
+    for image, label_dir, stem, labels in found:
+        if f"{stem}{suffix}" not in labels:
+            raise DataError(f"cityscapes: {label_dir / stem}{suffix} not found (the label of {image})")
+    samples = [(image, label_dir / f"{stem}{suffix}") for image, label_dir, stem, _ in found]
+    return samples, "cityscapes_train_ids" if train_ids else "cityscapes"
+
+
+def get_dataset(name, root, split, crop_size=480, base_size=520, mode=None, seed=0):
+    """The Dataset `name` ('context', 'ade20k', 'pascal_voc', 'pascal_aug', 'pcontext', 'coco', 'cityscapes',
+    'cifar10').
+
+    split: 'train', 'val', or lists joined by '+' ('train+val'); 'train_aug' for pascal_aug; 'test' for
+    cityscapes (its gtFine/test labels carry no classes); 'test' = 'val' for cifar10. mode: 'train' (random
+    augmentation), 'val' (whole image) or 'center'; by default 'val' for the validation/test split, 'train'
+    otherwise.
     """
     mode = mode or ("val" if split in ("val", "test") else "train")
     if mode not in ("train", "val", "center"):
@@ -404,15 +582,61 @@ def get_dataset(name, root, split, crop_size=480, base_size=520, mode=None, seed
         return context_dataset(split, crop_size, base_size, mode, seed)
     if name == "cifar10":
         return CIFAR10(root, split, mode == "train", seed)
+    labels = None  # the label format, when it is not the dataset's name
     if name == "ade20k":
         samples, read_label = ade20k_samples(root, split), read_png_label
     elif name in ("pascal_voc", "pascal_aug", "pcontext"):
         samples, read_label = voc_samples(name, root, split), read_png_label
     elif name == "coco":
         samples, read_label = coco_samples(root, split), coco_label
+    elif name == "cityscapes":
+        (samples, labels), read_label = cityscapes_samples(root, split), read_png_label
     else:
         raise ValueError(f"unknown dataset {name!r}")
-    return SegmentationDataset(name, samples, read_label, crop_size, base_size, mode, seed)
+    return SegmentationDataset(name, samples, read_label, crop_size, base_size, mode, seed, labels)
+
+
+class SplitChecker(torch.utils.data.Dataset):
+    """dataset[indices] → the message of the first DataError among those items, or None (see check_dataset).
+
+    The error travels back as a value: a DataError raised in a DataLoader worker comes back wrapped in
+    torch's 'Caught DataError in DataLoader worker process N' and the worker's traceback.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, indices):
+        for i in indices:
+            try:
+                image, _ = self.dataset.open_checked(i)
+                image.close()
+            except DataError as e:
+                return str(e)
+        return None
+
+
+def check_dataset(dataset, workers=None, chunk=16):
+    """Read every label and every image header of a split before training; raise its first DataError.
+
+    Finds in a minute what would otherwise stop a run hours in: unreadable files, a label of another size
+    than its image, label values the dataset does not define (pairing and missing files are checked when
+    the dataset is made). Image bodies are not decoded (a truncated JPEG still surfaces when its item is
+    loaded); labels are, since their values matter. The first bad item in index order is reported, whatever
+    the number of workers. workers: processes (default, and at most, os.cpu_count()), started as a
+    DataLoader's, like training's. Generated and fully loaded datasets (context, cifar10) pass at once.
+    Returns the number of items checked.
+    """
+    if not isinstance(dataset, SegmentationDataset):
+        return len(dataset)
+    chunks = [range(start, min(start + chunk, len(dataset))) for start in range(0, len(dataset), chunk)]
+    workers = min(workers or os.cpu_count(), os.cpu_count(), len(chunks))
+    loader = torch.utils.data.DataLoader(SplitChecker(dataset), batch_size=None, sampler=chunks,
+                                         num_workers=workers if workers > 1 else 0)
+    for problem in loader:  # in chunk order, so the first problem is the same for any worker count
+        if problem is not None:
+            raise DataError(problem)
+    return len(dataset)
 
 
 # ----------------------------------------------------------------------------------------------
