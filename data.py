@@ -616,7 +616,7 @@ class SplitChecker(torch.utils.data.Dataset):
         return None
 
 
-def check_dataset(dataset, workers=None, chunk=16):
+def check_dataset(dataset, workers=None, indices=None, chunk=16):
     """Read every label and every image header of a split before training; raise its first DataError.
 
     Finds in a minute what would otherwise stop a run hours in: unreadable files, a label of another size
@@ -625,18 +625,20 @@ def check_dataset(dataset, workers=None, chunk=16):
     loaded); labels are, since their values matter. The first bad item in index order is reported, whatever
     the number of workers. workers: processes (default, and at most, os.cpu_count()), started as a
     DataLoader's, like training's. Generated and fully loaded datasets (context, cifar10) pass at once.
+    indices: the items to check (default: all; a process of a distributed run checks its shard).
     Returns the number of items checked.
     """
+    indices = list(range(len(dataset))) if indices is None else list(indices)
     if not isinstance(dataset, SegmentationDataset):
-        return len(dataset)
-    chunks = [range(start, min(start + chunk, len(dataset))) for start in range(0, len(dataset), chunk)]
+        return len(indices)
+    chunks = [indices[start:start + chunk] for start in range(0, len(indices), chunk)]
     workers = min(workers or os.cpu_count(), os.cpu_count(), len(chunks))
     loader = torch.utils.data.DataLoader(SplitChecker(dataset), batch_size=None, sampler=chunks,
                                          num_workers=workers if workers > 1 else 0)
     for problem in loader:  # in chunk order, so the first problem is the same for any worker count
         if problem is not None:
             raise DataError(problem)
-    return len(dataset)
+    return len(indices)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -174,10 +174,10 @@ def seed_step(seed, step, rank):
 
 
 def ignore_interrupts(worker_id):
-    """DataLoader worker_init_fn: Ctrl-C reaches every process of the terminal's group, workers too; they
-    leave it to the training process, which checkpoints and shuts them down."""
+    """DataLoader worker_init_fn: Ctrl-C reaches every process of the terminal's group, the loader's workers
+    too; they leave it to the training process, which checkpoints and then shuts them down. (SIGTERM keeps
+    its default: the loader and the interpreter's exit stop a stuck worker with it.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -403,16 +403,14 @@ def run_or_exit(train_fn, args, user_errors=()):
     """Run training; the failures a user can fix (bad data, a checkpoint that does not fit,
     divergence, a download that failed, Ctrl-C) end with their one-line message, not a traceback:
     exit status 1, or 128 + the signal's number after an interruption."""
-    name = os.path.basename(sys.argv[0])
     try:
         return train_fn(args)
     except Interrupted as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"{name}: {e}", file=sys.stderr, flush=True)
-        sys.exit(e.exit_status)
+        message, status, every_rank = str(e), e.exit_status, False
     except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr, flush=True)
-        sys.exit(128 + signal.SIGINT)
+        message, status, every_rank = "interrupted", 128 + signal.SIGINT, False
     except (ValueError, FileNotFoundError, FloatingPointError, *user_errors) as e:
-        print(f"{name}: error: {one_line(e)}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        message, status, every_rank = f"error: {one_line(e)}", 1, True
+    if every_rank or int(os.environ.get("RANK", 0)) == 0:
+        print(f"{os.path.basename(sys.argv[0])}: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)

@@ -1311,6 +1311,54 @@ def test_real_layout_training_eval_cli_and_image_prediction(tmp_path):
     assert result.returncode != 0 and "missing.jpg" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_offline_weights_and_bad_data_stop_with_one_line_before_training(tmp_path):
+    make_ade(tmp_path / "data", n=4)
+    ade = tmp_path / "data" / "ADEChallengeData2016"
+    common = ["--data", "ade20k", "--data-root", tmp_path / "data", "--backbone", "resnet18", *TINY, "--batch-size", 2,
+              "--crop-size", 32, "--base-size", 40, "--max-iters", 2]
+
+    def one_line_error(result, *names):
+        assert result.returncode == 1 and "Traceback" not in result.stderr and "Caught" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert all(name in result.stderr for name in names), result.stderr
+
+    # a node without internet: torchvision's ImageNet weights (the default) cannot be fetched
+    offline = tmp_path / "offline_train_seg.py"
+    offline.write_text(f"""import sys, urllib.error, torch
+sys.path.insert(0, {str(HERE)!r})
+def no_network(url, dst, *args, **kwargs):
+    raise urllib.error.URLError("[Errno -2] Name or service not known")
+torch.hub.download_url_to_file = no_network
+import train_seg
+train_seg.main()
+""")
+    result = run(offline, *common, "--workers", 0, "--out", tmp_path / "out", env={"TORCH_HOME": str(tmp_path / "hub")},
+                 check=False)
+    one_line_error(result, "resnet18-f37072fd.pth", str(tmp_path / "hub"), "--pretrained none", "--pretrained PATH")
+    assert not (tmp_path / "out").exists()  # nothing created
+
+    # a bad validation label is found before the first iteration, not after training
+    write_png(ade / "annotations" / "validation" / "ADE_2.png", blocks(40, 30, (0, 1, 151)))
+    result = run("train_seg.py", *common, "--pretrained", "none", "--workers", 0, "--out", tmp_path / "val", check=False)
+    one_line_error(result, "ADE_2.png", "151")
+    assert "iter" not in result.stdout and not (tmp_path / "val" / "checkpoint.pth").exists()
+    write_png(ade / "annotations" / "validation" / "ADE_2.png", blocks(40, 30, (0, 1, 75, 150)))
+
+    # a damaged training label, read in a DataLoader worker process: the same one line as without workers
+    (ade / "annotations" / "training" / "ADE_1.png").write_bytes(b"not a png")
+    for workers in (0, 2):
+        result = run("train_seg.py", *common, "--pretrained", "none", "--workers", workers,
+                     "--out", tmp_path / f"train{workers}", check=False)
+        one_line_error(result, "ADE_1.png", "cannot read")
+
+    # an empty validation split is an error, not "mIoU 0.0000" and exit status 0
+    for path in (ade / "images" / "validation").iterdir():
+        path.unlink()
+    result = run("train_seg.py", *common, "--pretrained", "none", "--workers", 0, "--out", tmp_path / "empty",
+                 check=False)
+    one_line_error(result, "validation")
+
+
 def re_search(pattern, text):
     """re.search that fails the test, showing the text, when nothing matches."""
     import re

@@ -214,6 +214,9 @@ def train(args):
     val_quick = data.get_dataset(args.data, args.data_root, "val", args.crop_size, args.base_size, mode="center")
     val_full = data.get_dataset(args.data, args.data_root, "val", args.crop_size, args.base_size, mode="val")
     args.num_classes = train_set.num_classes
+    # The validation split is read now, not after hours of training (each process its shard): every label
+    # decoded, every image header opened. ADE20K's 2,000 images: ~7 s of CPU time.
+    data.check_dataset(val_full, max(1, args.workers), data.shard_indices(len(val_full), rank, world))
 
     checkpoint_path = os.path.join(args.out, "checkpoint.pth")
     checkpoint = run.load_checkpoint(checkpoint_path) if args.resume else None
@@ -308,7 +311,7 @@ def train(args):
 def main(argv=None):
     args = get_args(argv)
     check_args(args)
-    run.run_or_exit(train, args, user_errors=(data.DataError,))
+    run.run_or_exit(train, args, user_errors=(data.DataError, encnet.DownloadError))
 
 
 if __name__ == "__main__":
