@@ -10,6 +10,9 @@ machine. Sections (--only NAME runs one):
     syncbn     SyncBatchNorm in 2 gloo processes vs local BatchNorm; collectives per step
     train      training images/s of EncNet and FCN on the built-in data (train_seg.py defaults)
     cifar      training images/s of the four Table-6 networks, i.e. the CPU time of one epoch
+    coco       COCO polygon → mask, masks/s of data.py's NumPy rasteriser vs pycocotools' C (same masks)
+    eval       eval.py's evaluation images/s, single- and multi-scale: windows batched (on a GPU) vs the
+               former one-window-at-a-time path (same probabilities up to rounding), bf16 on a GPU
     gpu        on a GPU, when one is present: EncNet-ResNet50 training step in fp32 / bf16 / +channels_last /
                +compile (images/s, memory, MFU), Encoding layer eager vs compiled
 
@@ -23,6 +26,7 @@ import platform
 import socket
 import tempfile
 import time
+import warnings
 import weakref
 from pathlib import Path
 
@@ -330,7 +334,7 @@ def bench_train(quick, device="cpu"):
         args.num_classes = len(data.CONTEXT_CLASSES)
         batch = 4 if quick else args.batch_size
         torch.manual_seed(0)
-        model = encnet.build_model(vars(args)).to(device).train()
+        model = encnet.model_from_args(vars(args)).to(device).train()
         optimizer = train_seg.build_optimizer(model, args)
         images = torch.randn(batch, 3, data.CONTEXT_HEIGHT, data.CONTEXT_WIDTH, device=device)
         labels = torch.randint(0, args.num_classes, (batch, data.CONTEXT_HEIGHT, data.CONTEXT_WIDTH), device=device)
@@ -458,8 +462,136 @@ def bench_gpu(quick, device=None):
     return result
 
 
+# ----------------------------------------------------------------------------- COCO polygon masks
+
+def coco_polygons(rng, count, height, width):
+    """Object outlines as COCO stores them: star-shaped polygons of 10–100 vertices, 10–200 px across,
+    coordinates with 2 decimals, some crossing the image border."""
+    polygons = []
+    for _ in range(count):
+        k = int(rng.integers(10, 101))
+        angles = np.sort(rng.uniform(0, 2 * np.pi, k))
+        radii = rng.uniform(5, 100) * rng.uniform(0.6, 1, k)
+        points = rng.uniform(0, 1, 2) * (width, height) + np.stack([np.cos(angles), np.sin(angles)], 1) * radii[:, None]
+        polygons.append(points.round(2).ravel().tolist())
+    return polygons
+
+
+def bench_coco(quick):
+    """COCO polygon → H×W mask on 640×480 images: data.segmentation_mask (NumPy) vs pycocotools (C) as
+    annToMask does it (frPyObjects, merge, decode), one polygon per mask, the masks compared."""
+    try:
+        import pycocotools.mask as coco_mask
+    except ImportError:
+        return {"status": "not measured: pycocotools is not installed"}
+    height, width = 480, 640
+    count, repeat = (20, 3) if quick else (300, 9)
+    polygons = coco_polygons(np.random.default_rng(0), count, height, width)
+
+    def ours():
+        return [data.segmentation_mask([polygon], height, width) for polygon in polygons]
+
+    def theirs():
+        with warnings.catch_warnings():  # pycocotools' decode under NumPy 2: a DeprecationWarning per call
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return [coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects([polygon], height, width)))
+                    for polygon in polygons]
+
+    seconds = timeit_alternating({"ours": ours, "pycocotools": theirs}, repeat)
+    identical = sum(np.array_equal(a, b.astype(bool)) for a, b in zip(ours(), theirs()))
+    return {"ours_masks_per_s": count / seconds["ours"], "pycocotools_masks_per_s": count / seconds["pycocotools"],
+            "ours_time_vs_pycocotools": seconds["ours"] / seconds["pycocotools"],
+            "identical_masks": f"{identical}/{count}"}
+
+
+def todays_eval_predict(model, image, crop_size, base_size, scales=(1.0,), flip=False):
+    """eval.predict as it was before the protocols, kept as the baseline of bench_eval: one forward per
+    window and per mirror image, contiguous memory format. image 1×3×H×W normalised → 1×K×H×W probabilities."""
+    def windows_logits(image):
+        _, _, h, w = image.shape
+        if h <= crop_size and w <= crop_size:
+            logits = model(image).float()
+            return (logits + model(image.flip(-1)).float().flip(-1)) / 2 if flip else logits
+        ph, pw = max(h, crop_size), max(w, crop_size)
+        padded = torch.nn.functional.pad(image, (0, pw - w, 0, ph - h))
+        stride = max(1, int(crop_size * 2 / 3))
+        ys = sorted({min(y, ph - crop_size) for y in range(0, ph - crop_size + stride, stride)})
+        xs = sorted({min(x, pw - crop_size) for x in range(0, pw - crop_size + stride, stride)})
+        total = count = None
+        for y in ys:
+            for x in xs:
+                window = padded[:, :, y:y + crop_size, x:x + crop_size]
+                logits = model(window).float()
+                if flip:
+                    logits = (logits + model(window.flip(-1)).float().flip(-1)) / 2
+                if total is None:
+                    total, count = logits.new_zeros(1, logits.shape[1], ph, pw), logits.new_zeros(1, 1, ph, pw)
+                total[:, :, y:y + crop_size, x:x + crop_size] += logits
+                count[:, :, y:y + crop_size, x:x + crop_size] += 1
+        return (total / count)[:, :, :h, :w]
+
+    _, _, h, w = image.shape
+    probs = 0
+    with torch.no_grad():
+        for scale in scales:
+            long_side = int(base_size * scale + 0.5)
+            size = (long_side, int(w * long_side / h + 0.5)) if h >= w else (int(h * long_side / w + 0.5), long_side)
+            resized = torch.nn.functional.interpolate(image, size, mode="bilinear", align_corners=False)
+            logits = torch.nn.functional.interpolate(windows_logits(resized), (h, w), mode="bilinear",
+                                                     align_corners=False)
+            probs = probs + logits.softmax(1) / len(scales)
+    return probs
+
+
+def bench_eval(quick, device=None):
+    """eval.py's protocol 'repo' on one 512×512 image with EncNet-ResNet50 (150 classes, crop 480, base 520):
+    images/s single- and multi-scale (6 scales + flips), the baseline (todays_eval_predict) vs eval.predict
+    (its defaults: on a GPU windows and mirror images 8 per batch), their largest probability difference,
+    and on a GPU bf16 autocast (speed, share of pixels whose class agrees with float32)."""
+    import eval as seg_eval
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    backbone, kwargs, size, crop, base = ("resnet18", dict(width=8, head_width=16), 64, 48, 52) if quick else \
+        ("resnet50", {}, 512, 480, 520)
+    model = encnet.EncNet(150, backbone, **kwargs).eval().to(device)
+    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 3, size, size), np.uint8))
+    image = data.normalize(pixels.to(device))
+
+    def synced(fn):
+        def run():
+            out = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return out
+        return run
+
+    on_cpu_full = device.type == "cpu" and not quick  # a multi-scale image takes minutes on 2 cores
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "image": f"{size}x{size}, crop {crop}, base {base}, {backbone}"}
+    for label, scales, flip in (("single_scale", (1.0,), False), ("multi_scale", seg_eval.MULTI_SCALES, True)):
+        today = synced(lambda: todays_eval_predict(model, image, crop, base, scales, flip))
+        new = synced(lambda: seg_eval.predict(model, image, crop, base, scales, flip))
+        repeat, warmup = (1, 0) if on_cpu_full and flip else (3, 1) if on_cpu_full else (5, 2)
+        times = timeit_alternating({"today": today, "new": new}, repeat, warmup)
+        result[f"{label}_today_images_per_s"] = 1 / times["today"]
+        result[f"{label}_new_images_per_s"] = 1 / times["new"]
+        result[f"{label}_speedup"] = times["today"] / times["new"]
+        result[f"{label}_max_prob_difference"] = (today() - new()).abs().max().item()
+        if device.type == "cuda":  # the difference above includes TF32's rounding (cuDNN's default)
+            tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
+            result[f"{label}_max_prob_difference_without_tf32"] = (today() - new()).abs().max().item()
+            torch.backends.cudnn.allow_tf32 = tf32
+            bf16 = synced(lambda: seg_eval.predict(model, image, crop, base, scales, flip, amp=True))
+            times = timeit_alternating({"fp32": new, "bf16": bf16}, repeat, warmup)
+            result[f"{label}_bf16_speedup_over_new_fp32"] = times["fp32"] / times["bf16"]
+            agree = (bf16().argmax(1) == new().argmax(1)).double().mean().item()
+            result[f"{label}_bf16_pixels_agreeing_pct"] = 100 * agree
+    return result
+
+
 SECTIONS = {"encoding": bench_encoding, "models": bench_models, "data": bench_data, "syncbn": bench_syncbn,
-            "train": bench_train, "cifar": bench_cifar, "gpu": bench_gpu}
+            "train": bench_train, "cifar": bench_cifar, "coco": bench_coco, "gpu": bench_gpu,
+            "eval": bench_eval}
 
 
 def main(argv=None):
