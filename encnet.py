@@ -370,16 +370,25 @@ def seg_loss(outputs, labels, num_classes, se_weight=0.2, aux_weight=0.2, num_pi
     return loss, {k: v.detach() for k, v in terms.items()}
 
 
+# The arguments that decide a segmentation model's modules and forward (train_seg.py's flags, a
+# checkpoint's 'args'), with the defaults of checkpoints written before an option existed.
+ARCHITECTURE = dict(model="encnet", backbone="resnet50", width=64, head_width=512, num_codes=32, se_loss=True,
+                    aux=False, lateral=False, residual_gate=False, dropout=0.1, stage3_encoding=True,
+                    align_corners=False, dropout2d=False)
+
+
 def model_from_args(args):
     """FCN or EncNet from a dict of train_seg.py's arguments (a checkpoint's 'args' holds them)."""
-    common = dict(num_classes=args["num_classes"], backbone=args["backbone"], dropout=args["dropout"],
-                  aux=args["aux"], head_width=args["head_width"], width=args["width"])
-    if args["model"] == "fcn":
+    a = {**ARCHITECTURE, **{k: args[k] for k in ARCHITECTURE if k in args}}
+    common = dict(num_classes=args["num_classes"], backbone=a["backbone"], dropout=a["dropout"], aux=a["aux"],
+                  head_width=a["head_width"], width=a["width"], align_corners=a["align_corners"],
+                  dropout2d=a["dropout2d"])
+    if a["model"] == "fcn":
         return FCN(**common)
-    if args["model"] == "encnet":
-        return EncNet(**common, num_codes=args["num_codes"], se_loss=args["se_loss"],
-                      lateral=args["lateral"], residual_gate=args["residual_gate"])
-    raise ValueError(f"unknown model {args['model']!r}")
+    if a["model"] == "encnet":
+        return EncNet(**common, num_codes=a["num_codes"], se_loss=a["se_loss"], lateral=a["lateral"],
+                      residual_gate=a["residual_gate"], stage3_encoding=a["stage3_encoding"])
+    raise ValueError(f"unknown model {a['model']!r}")
 
 
 # ----------------------------------------------------------------------------- downloads
@@ -551,19 +560,20 @@ def backbone_from_state(state, source):
     raise ValueError(f"{source}: no backbone here has {blocks} blocks per stage and a stem of width {stem}")
 
 
-def model_from_state(state, backbone, source, **options):
-    """The EncNet whose modules fit a converted zoo state_dict, read from its shapes: class count,
-    head width, codewords, lateral fusion, SE classifier and auxiliary head."""
+def zoo_model_args(state, backbone, fmt, source):
+    """The arguments (as model_from_args takes them) of the EncNet whose modules fit a converted zoo
+    state_dict, read from its shapes: class count, head width, codewords, lateral fusion, SE classifier
+    and auxiliary head; the zoo's conventions for the rest."""
     missing = [k for k in ("conv5.0.weight", "enc_module.encoding.0.codewords", "classifier.1.weight")
                if k not in state]
     if missing:
         raise ValueError(f"{source}: not a complete EncNet, it lacks (in this repo's names) {', '.join(missing)}")
     # both zoos: the residual gate relu(x + x ⊗ γ), no second Context Encoding Module on stage 3
-    return EncNet(state["classifier.1.weight"].shape[0], backbone,
-                  num_codes=state["enc_module.encoding.0.codewords"].shape[0],
-                  se_loss="enc_module.se_classifier.weight" in state, aux="aux_head.2.weight" in state,
-                  lateral="lateral.0.0.weight" in state, head_width=state["conv5.0.weight"].shape[0],
-                  residual_gate=True, stage3_encoding=False, **options)
+    return dict(ARCHITECTURE, num_classes=state["classifier.1.weight"].shape[0], backbone=backbone,
+                num_codes=state["enc_module.encoding.0.codewords"].shape[0],
+                se_loss="enc_module.se_classifier.weight" in state, aux="aux_head.2.weight" in state,
+                lateral="lateral.0.0.weight" in state, head_width=state["conv5.0.weight"].shape[0],
+                residual_gate=True, stage3_encoding=False, align_corners=fmt == "released", dropout2d=fmt == "mmseg")
 
 
 def checkpoint_format(checkpoint, source):
@@ -624,7 +634,8 @@ def load_model(source):
     on ImageNet-normalised RGB (B×3×H×W) gives the full-resolution logits of the code that made
     the file.
     info: format ('train_seg', 'released', 'mmseg'), name, source, path, dataset, num_classes,
-    classes, palette, crop_size and base_size for eval.py, backbone, and for train_seg 'data_root' and 'args'.
+    classes, palette, crop_size and base_size for eval.py, backbone, 'args' (the model's arguments as
+    model_from_args takes them; a train_seg.py checkpoint's are all its run's), and for train_seg 'data_root'.
     """
     is_zoo_name = source in RELEASED_SHA1 or source in MMSEG_FILES
     path = download(source) if is_zoo_name else source
@@ -645,13 +656,13 @@ def load_model(source):
         else:
             state, meta = convert(checkpoint, RELEASED_KEYS), {}
         backbone = backbone_from_state(state, path)
-        model = model_from_state(state, backbone, path, align_corners=fmt == "released", dropout2d=fmt == "mmseg")
-        num_classes = model.classifier[1].out_channels
+        args = zoo_model_args(state, backbone, fmt, path)
+        model, num_classes = model_from_args(args), args["num_classes"]
         dataset = DATASET_OF.get(num_classes)
         classes, palette = class_names(dataset, num_classes, meta)
         crop_size, base_size = eval_sizes(fmt, dataset, backbone)
         info = dict(dataset=dataset, num_classes=num_classes, classes=classes, palette=palette,
-                    crop_size=crop_size, base_size=base_size, backbone=backbone)
+                    crop_size=crop_size, base_size=base_size, backbone=backbone, args=args)
     load_strict(model, state, path)
     name = source if is_zoo_name else os.path.splitext(os.path.basename(path))[0]
     return model.eval(), {"format": fmt, "name": name, "source": source, "path": path, **info}

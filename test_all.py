@@ -1288,7 +1288,7 @@ def test_real_layout_training_eval_cli_and_image_prediction(tmp_path):
     result = run("eval.py", "--checkpoint", checkpoint, "--out", tmp_path / "eval")  # data from the checkpoint
     assert re_search(r"ade20k val: pixAcc [01]\.\d+ mIoU [01]\.\d+", result.stdout)
     assert re_search(r"wall +(\d+\.\d+|absent)", result.stdout)  # the per-class table, also saved
-    assert "wall" in (tmp_path / "eval" / "per_class_iou_ade20k_val.txt").read_text()
+    assert "wall" in (tmp_path / "eval" / "per_class_iou_ade20k_val_repo.txt").read_text()
     result = run("eval.py", "--checkpoint", checkpoint, "--multi-scale", "--crop-size", 24,  # windows at 1.75×
                  "--out", tmp_path / "eval_ms")
     assert "ade20k val multi-scale: pixAcc" in result.stdout

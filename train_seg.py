@@ -38,10 +38,8 @@ DEFAULTS = {
 }
 
 # Arguments that must agree between a checkpoint and the command that resumes it.
-RUN_DEFINING = ("data", "split", "model", "backbone", "width", "head_width", "num_codes", "se_loss", "aux",
-                "lateral", "residual_gate", "dropout", "batch_size", "epochs", "max_iters", "lr",
-                "head_lr_mult", "momentum", "weight_decay", "crop_size", "base_size", "seed", "se_weight",
-                "aux_weight")
+RUN_DEFINING = (*encnet.ARCHITECTURE, "data", "split", "batch_size", "epochs", "max_iters", "lr", "head_lr_mult",
+                "momentum", "weight_decay", "crop_size", "base_size", "seed", "se_weight", "aux_weight")
 
 
 def recipe_table():
@@ -77,6 +75,11 @@ def get_args(argv=None):
     g.add_argument("--residual-gate", action="store_true",
                    help="relu(x + x⊗γ) as in the released code, instead of the paper's x⊗γ")
     g.add_argument("--dropout", type=float, default=0.1, help="dropout before the classifier")
+    g.add_argument("--dropout2d", action="store_true", help="channel-wise dropout there (mmsegmentation)")
+    g.add_argument("--no-stage3-encoding", dest="stage3_encoding", action="store_false",
+                   help="EncNet without the stage-3 Context Encoding Module (Fig. 3) and its SE-loss (both zoos)")
+    g.add_argument("--align-corners", action="store_true",
+                   help="bilinear upsampling with align_corners=True (the released code)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, help="global batch, split over processes (paper: 16)")
     g.add_argument("--epochs", type=int, help="paper: 120 ADE20K, 50 PASCAL")
@@ -88,7 +91,9 @@ def get_args(argv=None):
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--seed", type=int, default=0, help="seeds weights, data order, augmentation and dropout")
     g = run.add_run_arguments(p, out="runs/seg", log_every=5.0)
-    g.add_argument("--init", help="start from another run's checkpoint weights, fresh optimizer and schedule")
+    g.add_argument("--init", help="fine-tune: start from the weights of a train_seg.py checkpoint, a published "
+                                  "model's file or its name (see encnet.load_model), fresh optimizer and "
+                                  "schedule; the model's architecture is the file's")
     g.add_argument("--val-every", type=int, default=0, help="quick validation every N epochs (0: only at the end)")
     args = p.parse_args(argv)
     for key, value in DEFAULTS[args.data].items():
@@ -111,8 +116,6 @@ def check_args(args):
         run.fail(f"--data {args.data} needs --data-root (the folder holding the dataset)")
     if args.data_root and not os.path.isdir(args.data_root):
         run.fail(f"--data-root {args.data_root} does not exist")
-    if args.init and not os.path.isfile(args.init):
-        run.fail(f"--init {args.init}: no such checkpoint")
 
 
 # ----------------------------------------------------------------------------- the recipe's pieces
@@ -134,14 +137,14 @@ def poly_lr(optimizer, base_lr, it, total_iters, power=0.9):
 
 
 def starting_model(args, world, checkpoint, checkpoint_path):
-    """The model with its first weights: the checkpoint's (--resume), another run's (--init), or
-    fresh with the backbone's pretrained weights (rank 0 fetches them first, so that the other
-    processes find them in torch.hub's cache)."""
+    """The model with its first weights: the checkpoint's (--resume), another run's or a published
+    model's (--init), or fresh with the backbone's pretrained weights (rank 0 fetches them first, so
+    that the other processes find them in torch.hub's cache)."""
+    if args.init:
+        return init_model(args)
     model = encnet.model_from_args(vars(args))
     if checkpoint is not None:
         encnet.load_strict(model, checkpoint["model"], checkpoint_path)
-    elif args.init:  # a new run from another run's weights (e.g. COCO → VOC), fresh optimizer and schedule
-        encnet.load_strict(model, run.load_checkpoint(args.init)["model"], args.init)
     elif args.pretrained:
         is_main = int(os.environ.get("RANK", 0)) == 0
         if world > 1 and not is_main:
@@ -149,6 +152,36 @@ def starting_model(args, world, checkpoint, checkpoint_path):
         encnet.load_backbone_weights(model.backbone, args.pretrained, args.backbone)
         if world > 1 and is_main:
             dist.barrier()
+    return model
+
+
+# What --init leaves to the training command: which model to train and what to learn with it.
+TRAINING_CHOICES = ("model", "se_loss", "stage3_encoding", "dropout")
+# Modules that only training uses (their outputs are losses, not the segmentation): they may be
+# missing from an --init file and start fresh. Neither zoo has the stage-3 Context Encoding Module.
+TRAINING_ONLY = ("stage3_encoding.", "aux_head.", "enc_module.se_classifier.")
+
+
+def init_model(args):
+    """--init: a new run from the weights of another run (e.g. COCO → VOC) or of a published model.
+
+    The architecture is the file's (backbone, head, gate, upsampling: args are updated, so that the
+    run's checkpoint records it). Training-only modules the file lacks start fresh and are named in
+    one line; every other weight must come from the file, and everything in the file must fit."""
+    source, info = encnet.load_model(args.init)
+    if info["num_classes"] != args.num_classes:
+        raise ValueError(f"--init {args.init} predicts {info['num_classes']} classes ({info['dataset']}), "
+                         f"--data {args.data} has {args.num_classes}: the classifier is kept, so they must match")
+    for key in encnet.ARCHITECTURE:
+        if key not in TRAINING_CHOICES:
+            setattr(args, key, info["args"].get(key, encnet.ARCHITECTURE[key]))
+    model = encnet.model_from_args(vars(args))
+    state = source.state_dict()
+    fresh = {k: v for k, v in model.state_dict().items() if k not in state and k.startswith(TRAINING_ONLY)}
+    encnet.load_strict(model, {**state, **fresh}, args.init)
+    if fresh and int(os.environ.get("RANK", 0)) == 0:
+        modules = sorted({prefix.rstrip(".") for k in fresh for prefix in TRAINING_ONLY if k.startswith(prefix)})
+        print(f"--init {args.init}: {len(fresh)} tensors not in the file start fresh: {', '.join(modules)}", flush=True)
     return model
 
 

@@ -4,6 +4,7 @@ Reference logits in testdata/ were made by the third-party code itself (torch-en
 mmsegmentation 1.2.2) from weights given by a rule; see ../shared/checkpoints/README.md.
 """
 import hashlib
+import re
 import json
 import math
 import urllib.error
@@ -238,3 +239,34 @@ def test_imagenet_weights_offline(hub, monkeypatch):
     assert "\n" not in message and "resnet18" in message and encnet.IMAGENET_URLS["resnet18"] in message
     assert str(hub / "resnet18-f37072fd.pth") in message
     assert "--pretrained PATH" in message and "--pretrained none" in message
+
+
+def test_init_from_a_zoo_file_fine_tunes_with_fresh_stage3_module(tmp_path):
+    # train_seg.py --init with the authors' ADE20K file: its architecture (resnet50s, residual gate,
+    # align_corners, aux head), the stage-3 Context Encoding Module it lacks starts fresh, one step trains
+    from test_all import make_ade, run
+    zoo_file("released_encnet_resnet50s_ade", tmp_path / "released.pth")
+    make_ade(tmp_path / "data", n=2)
+    common = ["--data-root", tmp_path / "data", "--init", tmp_path / "released.pth", "--batch-size", 2,
+              "--crop-size", 32, "--base-size", 40, "--workers", 0, "--max-iters", 1, "--log-every", 0]
+    result = run("train_seg.py", "--data", "ade20k", *common, "--out", tmp_path / "tuned")
+    fresh = re.search(r"--init \S+: (\d+) tensors not in the file start fresh: (.*)", result.stdout)
+    assert fresh and fresh.group(2).startswith("stage3_encoding"), result.stdout
+    checkpoint = torch.load(tmp_path / "tuned" / "checkpoint.pth", weights_only=True)
+    assert checkpoint["iter"] == 1
+    saved = checkpoint["args"]
+    assert (saved["backbone"], saved["residual_gate"], saved["align_corners"], saved["aux"]) == \
+        ("resnet50s", True, True, True)
+    # the file's weights are where training started: one small step away from them
+    reference = convert_released(tmp_path / "released.pth")
+    moved = (checkpoint["model"]["enc_module.encoding.0.codewords"] - reference["enc_module.encoding.0.codewords"])
+    assert 0 < moved.abs().max() < 1e-2
+
+    result = run("train_seg.py", "--data", "context", "--init", tmp_path / "released.pth", "--max-iters", 1,
+                 "--out", tmp_path / "context", check=False)
+    assert result.returncode == 1 and "predicts 150 classes (ade20k), --data context has 6" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def convert_released(path):
+    return encnet.convert(torch.load(path, weights_only=True), encnet.RELEASED_KEYS)
