@@ -3,7 +3,8 @@
     get_dataset           ADE20K, PASCAL VOC (+SBD aug), PASCAL-Context, COCO→VOC, Cityscapes, CIFAR-10 from
                           their standard on-disk layouts; items: (3×H×W uint8 image, H×W int64 label, −1 = ignore)
     check_dataset         a fast parallel pass over a split (labels decoded, image headers read) before training
-    augment_train         flip, scale, rotation and crop of the released code as ONE affine warp per sample
+    augment_train         flip, scale, rotation and crop of the released code as ONE affine warp per sample;
+                          mmsegmentation's cat_max_ratio crop rule and photometric distortion as options
     normalize             uint8 → normalised float32, on the device after the transfer (a quarter of the bytes)
     ShardedBatchSampler   one global permutation per epoch, cut into global batches, each rank takes its slice
     shard_indices         validation sharding without padding, so metrics summed over ranks are exact
@@ -75,57 +76,193 @@ def dataset_info(name):
 # ----------------------------------------------------------------------------------------------
 # Augmentation
 
+def crop_shape(crop_size):
+    """crop_size as (height, width): an int n means n×n."""
+    if isinstance(crop_size, (int, np.integer)):
+        return int(crop_size), int(crop_size)
+    height, width = crop_size
+    return int(height), int(width)
+
+
 def augment_train(image, label, rng, crop_size, base_size, scale_range=(0.5, 2.0), max_rotation=10.0,
-                  label_fill=255):
+                  label_fill=255, cat_max_ratio=None, label_classes=None, photometric=False):
     """The released code's random flip → scale → rotate → pad → crop, as one affine warp into the crop.
 
     image: PIL RGB image W×H (if it is a JPEG opened but not yet loaded, it is decoded at 1/2, 1/4 or 1/8
     size when the sampled scale allows; the matrix accounts for it). label: PIL 'L' of raw dataset values, W×H.
-    Returns the crop_size×crop_size image (padding and rotated-away corners 0) and label (those label_fill).
+    crop_size: n (n×n) or (height, width). Returns the crop image (padding and rotated-away corners 0) and
+    label (those label_fill), both PIL of width×height crop_size.
     Warping only the output pixels skips resizing and rotating the whole scaled image (up to 1040×780).
     Shrinking is plain bilinear sampling, without the anti-aliasing filter of PIL's resize (like torch's
     interpolate), apart from the block averaging a reduced JPEG decode does.
+
+    Options of mmsegmentation's recipes (off by default):
+    cat_max_ratio: redraw the crop's offset (only the offset) while one class covers cat_max_ratio or more of
+        the crop's labelled pixels, or fewer than two classes are present: up to 10 checks, then the 11th
+        offset is taken unchecked, as mmsegmentation's RandomCrop does. label_classes: 256-entry table raw
+        value → class, −1 = ignored, for that count (default: every raw value but label_fill is a class).
+    photometric: photometric_distortion of the warped image; padding and rotated-away corners stay 0
+        (mmsegmentation pads after its distortion).
     """
     w, h = image.size
+    crop_h, crop_w = crop_shape(crop_size)
     flip = rng.random() < 0.5
+    # Long side U(0.5, 2)·base_size. For Cityscapes (2048×1024) with base_size 2048 this is mmsegmentation's
+    # RandomResize(scale=(2048, 1024), ratio_range=(0.5, 2.0), keep_ratio=True): the factor it draws, r,
+    # makes the image 2048r × 1024r, as here (which draws the long side in whole pixels).
     long_side = int(rng.integers(int(base_size * scale_range[0]), int(base_size * scale_range[1]), endpoint=True))
     if h > w:  # released code: long side = long_side, aspect kept, short side rounded
         sw, sh = int(w * long_side / h + 0.5), long_side
     else:
         sw, sh = long_side, int(h * long_side / w + 0.5)
     angle = math.radians(rng.uniform(-max_rotation, max_rotation))
-    # the crop window lies in the scaled image padded right/bottom to at least crop_size
-    x1 = int(rng.integers(0, max(sw, crop_size) - crop_size, endpoint=True))
-    y1 = int(rng.integers(0, max(sh, crop_size) - crop_size, endpoint=True))
 
     # Inverse map, output → input, in continuous coordinates where pixel i spans [i, i+1): Pillow's affine
     # transform samples the input at M·(x+½, y+½), so an integer translation is an exact crop.
     cx, cy, c, s = sw / 2, sh / 2, math.cos(angle), math.sin(angle)
-    crop = np.array([[1, 0, x1], [0, 1, y1], [0, 0, 1]], float)
     # PIL's rotate(deg) turns the content counter-clockwise about the centre; its inverse is this rotation
     unrotate = np.array([[c, -s, cx - c * cx + s * cy], [s, c, cy - s * cx - c * cy], [0, 0, 1]])
     unscale = np.diag([w / sw, h / sh, 1.0])
     unflip = np.array([[-1, 0, w], [0, 1, 0], [0, 0, 1]], float) if flip else np.eye(3)
-    matrix = unflip @ unscale @ unrotate @ crop
+    size = (crop_w, crop_h)  # Pillow's order
+
+    def random_crop():
+        """(matrix, warped label) of a random crop window in the scaled image padded right/bottom to the crop."""
+        x1 = int(rng.integers(0, max(sw, crop_w) - crop_w, endpoint=True))
+        y1 = int(rng.integers(0, max(sh, crop_h) - crop_h, endpoint=True))
+        crop = np.array([[1, 0, x1], [0, 1, y1], [0, 0, 1]], float)
+        matrix = unflip @ unscale @ unrotate @ crop
+        return matrix, label.transform(size, Image.Transform.AFFINE, tuple(matrix[:2].ravel()),
+                                       Image.Resampling.NEAREST, fillcolor=label_fill)
+
+    matrix, out_label = random_crop()
+    if cat_max_ratio is not None:
+        if label_classes is None:
+            label_classes = np.arange(256)
+            label_classes[label_fill] = -1
+        for _ in range(10):
+            if crop_is_varied(label_classes[np.asarray(out_label)], cat_max_ratio):
+                break
+            matrix, out_label = random_crop()
 
     reduced = image.draft(None, (sw, sh))  # JPEG only, before decoding: (mode, box of the original in it)
     factor = w / reduced[1][2] if reduced else 1.0
     image_matrix = np.diag([1 / factor, 1 / factor, 1.0]) @ matrix
-    size = (crop_size, crop_size)
-    image = image.convert("RGB").transform(size, Image.Transform.AFFINE, tuple(image_matrix[:2].ravel()),
-                                           Image.Resampling.BILINEAR, fillcolor=0)
-    label = label.transform(size, Image.Transform.AFFINE, tuple(matrix[:2].ravel()),
-                            Image.Resampling.NEAREST, fillcolor=label_fill)
-    return image, label
+    out = image.convert("RGB").transform(size, Image.Transform.AFFINE, tuple(image_matrix[:2].ravel()),
+                                         Image.Resampling.BILINEAR, fillcolor=0)
+    if photometric:
+        # the output pixels whose source lies inside the image (the label's nearest-neighbour rule)
+        inside = Image.new("L", (w, h), 1).transform(size, Image.Transform.AFFINE, tuple(matrix[:2].ravel()),
+                                                     Image.Resampling.NEAREST, fillcolor=0)
+        pixels = np.asarray(out)
+        distorted = photometric_distortion(pixels, rng)
+        out = Image.fromarray(np.where(np.asarray(inside, bool)[..., None], distorted, pixels))
+    return out, out_label
+
+
+def crop_is_varied(classes, cat_max_ratio):
+    """mmsegmentation's RandomCrop test: ≥ 2 classes and none with cat_max_ratio of the labelled pixels.
+
+    classes: int array of class indices, −1 = ignored (not counted).
+    """
+    counts = np.bincount(classes[classes >= 0].ravel())
+    counts = counts[counts > 0]
+    return len(counts) > 1 and counts.max() < cat_max_ratio * counts.sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# Photometric distortion (mmsegmentation's PhotoMetricDistortion)
+
+def photometric_distortion(pixels, rng, brightness_delta=32, contrast_range=(0.5, 1.5),
+                           saturation_range=(0.5, 1.5), hue_delta=18):
+    """mmsegmentation's PhotoMetricDistortion of an H×W×3 uint8 RGB array → a new H×W×3 uint8 array.
+
+    Each step happens with probability ½ (a coin, then its value, both from rng), in mmsegmentation's order:
+      1. brightness: add U(−brightness_delta, brightness_delta)
+      2. a coin decides whether contrast comes here or last; contrast: multiply by U(contrast_range)
+      3. saturation: multiply HSV's S by U(saturation_range), S clipped to 1
+      4. hue: rotate H by 2k degrees, k an integer in −hue_delta..hue_delta−1 (mmsegmentation's H is OpenCV's
+         8-bit hue in 2° units, and numpy's randint excludes its upper end)
+      5. contrast, if the coin of step 2 put it here
+    Every step maps uint8 → uint8 as there: brightness and contrast in float32, clipped to 0..255 and
+    truncated; saturation and hue through HSV and back, rounded. The HSV here is float; OpenCV's 8-bit HSV,
+    which mmsegmentation uses, also quantises H to 2° and S to 1/255 (a level or two of difference).
+    """
+    def affine(x, alpha=1.0, beta=0.0):
+        return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)  # astype truncates
+
+    def contrast(x):
+        if rng.integers(2):
+            return affine(x, alpha=rng.uniform(*contrast_range))
+        return x
+
+    if rng.integers(2):
+        pixels = affine(pixels, beta=rng.uniform(-brightness_delta, brightness_delta))
+    contrast_last = rng.integers(2) == 0  # mmsegmentation's "mode 0"
+    if not contrast_last:
+        pixels = contrast(pixels)
+    if rng.integers(2):
+        hue, saturation, value = rgb_to_hsv(pixels)
+        saturation = np.minimum(saturation * np.float32(rng.uniform(*saturation_range)), 1)
+        pixels = hsv_to_rgb(hue, saturation, value)
+    if rng.integers(2):
+        hue, saturation, value = rgb_to_hsv(pixels)
+        pixels = hsv_to_rgb((hue + 2 * int(rng.integers(-hue_delta, hue_delta))) % 360, saturation, value)
+    if contrast_last:
+        pixels = contrast(pixels)
+    return pixels
+
+
+def rgb_to_hsv(pixels):
+    """H×W×3 uint8 RGB → float32 (hue in degrees [0, 360), saturation [0, 1], value [0, 255]), each H×W.
+
+    The hexcone model: value = max channel, saturation = (max − min)/max, hue = the position of the colour
+    on the six edges red → yellow → green → cyan → blue → magenta (grey: hue and saturation 0).
+    """
+    r, g, b = np.moveaxis(pixels, -1, 0).astype(np.float32)  # contiguous planes: 3× faster than strided
+    value, low = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
+    chroma = value - low
+    safe = np.where(chroma > 0, chroma, np.float32(1))  # grey: numerators are 0, so the hue comes out 0
+    hue = (r - g) / safe + 4                            # blue is the largest: 180°..300°
+    hue = np.where(value == g, (b - r) / safe + 2, hue)  # green: 60°..180°
+    hue = np.where(value == r, (g - b) / safe, hue)      # red: −60°..60°
+    hue *= 60
+    hue[hue < 0] += 360
+    saturation = chroma / np.where(value > 0, value, np.float32(1))
+    return hue, saturation, value
+
+
+def hsv_to_rgb(hue, saturation, value):
+    """Inverse of rgb_to_hsv → H×W×3 uint8, rounded.
+
+    Channel n (red 5, green 3, blue 1 on the hue wheel in 60° steps) is value·(1 − saturation·ramp), where
+    ramp = clip(min(k, 4 − k), 0, 1) and k = (n + hue/60) mod 6: 0 where the channel is the largest, 1 where
+    it is the smallest, linear between.
+    """
+    sixths = hue / 60
+    out = np.empty(hue.shape + (3,), np.uint8)
+    for channel, n in enumerate((5, 3, 1)):
+        k = sixths + n
+        k = np.where(k >= 6, k - 6, k)
+        ramp = np.clip(np.minimum(k, 4 - k), 0, 1)
+        out[..., channel] = np.clip(np.rint(value * (1 - saturation * ramp)), 0, 255)
+    return out
 
 
 def center_crop(image, label, size):
-    """Resize so the short side is `size` and cut the central size×size square (quick validation)."""
+    """Resize so the image just covers the crop and cut the central crop (quick validation).
+
+    size: n (n×n: the short side becomes n) or (height, width).
+    """
     w, h = image.size
-    side = min(w, h)
-    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)  # in the original's coordinates
-    return (image.resize((size, size), Image.Resampling.BILINEAR, box),
-            label.resize((size, size), Image.Resampling.NEAREST, box))
+    crop_h, crop_w = crop_shape(size)
+    if crop_w * h >= crop_h * w:  # the crop is relatively wider: the width decides the scale
+        bw, bh = w, crop_h * w / crop_w
+    else:
+        bw, bh = crop_w * h / crop_h, h
+    box = ((w - bw) / 2, (h - bh) / 2, (w + bw) / 2, (h + bh) / 2)  # in the original's coordinates
+    return (image.resize((crop_w, crop_h), Image.Resampling.BILINEAR, box),
+            label.resize((crop_w, crop_h), Image.Resampling.NEAREST, box))
 
 
 def image_tensor(image):
@@ -192,13 +329,17 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     samples: list of (image path, label source); read_label(label source) → H×W uint8 raw label, and
     str(label source) names it in error messages. labels: the key of LABELS for the raw values (default
-    name). mode: 'train' random augmentation to crop_size×crop_size, 'val' the whole image, 'center' short
-    side resized to crop_size and centre-cropped.
+    name). crop_size: n (n×n) or (height, width). mode: 'train' random augmentation to crop_size, 'val' the
+    whole image, 'center' resized to just cover crop_size and centre-cropped. max_rotation, cat_max_ratio
+    and photometric: augment_train's options, for 'train' (cat_max_ratio counts classes after the raw
+    value → class table, so every value that is not a class is ignored).
     """
 
-    def __init__(self, name, samples, read_label, crop_size, base_size, mode, seed, labels=None):
+    def __init__(self, name, samples, read_label, crop_size, base_size, mode, seed, labels=None, *,
+                 max_rotation=10.0, cat_max_ratio=None, photometric=False):
         self.samples, self.read_label = samples, read_label
         self.crop_size, self.base_size, self.mode, self.seed, self.epoch = crop_size, base_size, mode, seed, 0
+        self.max_rotation, self.cat_max_ratio, self.photometric = max_rotation, cat_max_ratio, photometric
         self.legal, self.lut = label_tables(*LABELS[labels or name])
         info = dataset_info(name)
         self.classes, self.palette, self.num_classes = info["classes"], info["palette"], info["num_classes"]
@@ -237,7 +378,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
         with reading(image_path):
             if self.mode == "train":
                 rng = np.random.default_rng([self.seed, self.epoch, index])
-                image, label = augment_train(image, label, rng, self.crop_size, self.base_size)
+                image, label = augment_train(image, label, rng, self.crop_size, self.base_size,
+                                             max_rotation=self.max_rotation, cat_max_ratio=self.cat_max_ratio,
+                                             label_classes=self.lut, photometric=self.photometric)
             elif self.mode == "center":
                 image, label = center_crop(image.convert("RGB"), label, self.crop_size)
             else:
@@ -566,18 +709,34 @@ def cityscapes_samples(root, split):
     return samples, "cityscapes_train_ids" if train_ids else "cityscapes"
 
 
-def get_dataset(name, root, split, crop_size=480, base_size=520, mode=None, seed=0):
+# mmsegmentation's Cityscapes training pipeline (configs/_base_/datasets/cityscapes.py: RandomResize 2048×1024
+# × U(0.5, 2), RandomCrop 512×1024 with cat_max_ratio 0.75, RandomFlip 0.5, PhotoMetricDistortion; no
+# rotation) as get_dataset's options: get_dataset("cityscapes", root, "train", **MMSEG_CITYSCAPES). The flip
+# comes before the crop here, which gives the same distribution; the smallest scale, 1024×512, just covers
+# the crop, so Cityscapes crops are never padded.
+MMSEG_CITYSCAPES = dict(crop_size=(512, 1024), base_size=2048, max_rotation=0.0, cat_max_ratio=0.75,
+                        photometric=True)
+
+
+def get_dataset(name, root, split, crop_size=480, base_size=520, mode=None, seed=0, *, max_rotation=10.0,
+                cat_max_ratio=None, photometric=False):
     """The Dataset `name` ('context', 'ade20k', 'pascal_voc', 'pascal_aug', 'pcontext', 'coco', 'cityscapes',
     'cifar10').
 
     split: 'train', 'val', or lists joined by '+' ('train+val'); 'train_aug' for pascal_aug; 'test' for
-    cityscapes (its gtFine/test labels carry no classes); 'test' = 'val' for cifar10. mode: 'train' (random
-    augmentation), 'val' (whole image) or 'center'; by default 'val' for the validation/test split, 'train'
-    otherwise.
+    cityscapes (its gtFine/test labels carry no classes); 'test' = 'val' for cifar10. crop_size: n (n×n) or
+    (height, width). mode: 'train' (random augmentation), 'val' (whole image) or 'center'; by default 'val'
+    for the validation/test split, 'train' otherwise. max_rotation (degrees), cat_max_ratio and photometric:
+    the training augmentation's options (see augment_train; MMSEG_CITYSCAPES sets mmsegmentation's); context
+    and cifar10 have their own fixed augmentation and refuse them.
     """
     mode = mode or ("val" if split in ("val", "test") else "train")
     if mode not in ("train", "val", "center"):
         raise ValueError(f"mode must be 'train', 'val' or 'center', not {mode!r}")
+    options = dict(max_rotation=max_rotation, cat_max_ratio=cat_max_ratio, photometric=photometric)
+    if name in ("context", "cifar10") and options != dict(max_rotation=10.0, cat_max_ratio=None, photometric=False):
+        raise ValueError(f"{name} has its own fixed augmentation: max_rotation, cat_max_ratio and photometric "
+                         "apply to the other datasets")
     if name == "context":
         return context_dataset(split, crop_size, base_size, mode, seed)
     if name == "cifar10":
@@ -593,7 +752,7 @@ def get_dataset(name, root, split, crop_size=480, base_size=520, mode=None, seed
         (samples, labels), read_label = cityscapes_samples(root, split), read_png_label
     else:
         raise ValueError(f"unknown dataset {name!r}")
-    return SegmentationDataset(name, samples, read_label, crop_size, base_size, mode, seed, labels)
+    return SegmentationDataset(name, samples, read_label, crop_size, base_size, mode, seed, labels, **options)
 
 
 class SplitChecker(torch.utils.data.Dataset):
