@@ -648,7 +648,9 @@ def load_model(source):
         args = checkpoint["args"]
         model, state = model_from_args(args), checkpoint["model"]
         info = dict(dataset=args["data"], num_classes=args["num_classes"], classes=checkpoint["classes"],
-                    palette=checkpoint["palette"], crop_size=args["crop_size"], base_size=args["base_size"],
+                    palette=checkpoint["palette"], base_size=args["base_size"],
+                    # windows of the training crop; after non-square crops, the whole image (see train_seg.eval_crop)
+                    crop_size=args["crop_size"] if isinstance(args["crop_size"], int) else args["base_size"],
                     backbone=args["backbone"], data_root=args.get("data_root"), args=args)
     else:
         if fmt == "mmseg":  # 'meta' also describes the run (config, versions); 'optimizer' is training state

@@ -2,10 +2,11 @@
 
 A single file that imports nothing but torch: copy it into your project.
 
-    Encoding      Eq. 1: soft-assign N features to K codewords, aggregate the residuals  B×C×H×W → B×K×C
-    EncodingDrop  Encoding whose smoothing factors are redrawn every training step (Sec. 3.5)
-    EncModule     the Context Encoding Module of Fig. 2: featuremap attention γ and SE-loss logits
-    se_targets    ground truth of the Semantic Encoding loss: which classes each image contains
+    Encoding             Eq. 1: soft-assign N features to K codewords, aggregate the residuals  B×C×H×W → B×K×C
+    EncodingDrop         Encoding whose smoothing factors are redrawn every training step (Sec. 3.5)
+    EncModule            the Context Encoding Module of Fig. 2: featuremap attention γ and SE-loss logits
+    se_targets           ground truth of the Semantic Encoding loss: which classes each image contains
+    encode_materialised  Eq. 1 as written, B×N×K×C: the reference of the tests and benchmarks
 
 Memory. The textbook form of Eq. 1 broadcasts r_ik = x_i − d_k into a B×N×K×C tensor
 (4 images × 60×60 × 32 codes × 512 channels = 944 MB in fp32, kept for backward). This file
@@ -65,6 +66,16 @@ class _EncodingFunction(torch.autograd.Function):
             - (assign.sum(2, keepdim=True) * g).sum(0)
         )  # K×C
         return grad_x, grad_codewords, grad_scale
+
+
+def encode_materialised(x, codewords, scale):
+    """Eq. 1 exactly as written, with the B×N×K×C residual tensor r_ik = x_i − d_k (what other pure-PyTorch
+    ports do). The reference the tests check `encode` against and the alternative bench.py times; its
+    memory grows with B·N·K·C, so never use it in a model. x: B×C×H×W or B×C×N → B×K×C."""
+    X = x.flatten(2).transpose(1, 2)  # B×N×C
+    residuals = X[:, :, None, :] - codewords[None, None]  # B×N×K×C
+    assign = torch.softmax(-scale * residuals.pow(2).sum(-1), dim=2)  # B×N×K, softmax over codewords
+    return (assign[..., None] * residuals).sum(1)  # B×K×C
 
 
 def encode(x, codewords, scale):

@@ -22,10 +22,12 @@ import encnet
 import run
 from eval import SegMetric, colorize, evaluate, per_class_table, predict
 
-# Hyperparameters of the paper (Sec. 3.1) per dataset; flags override them. The context entry
-# is sized so that `python train_seg.py` finishes in minutes on 2 CPU cores.
+# Each dataset's recipe: the paper's (Sec. 3.1) for the datasets it trained on, mmsegmentation's for
+# Cityscapes, a CPU-sized one for the built-in data. A flag left unset takes its dataset's value.
 PAPER_RECIPE = dict(batch_size=16, crop_size=480, base_size=520, backbone="resnet50", pretrained="imagenet",
-                    width=64, head_width=512, head_lr_mult=1.0, workers=8)
+                    width=64, head_width=512, head_lr_mult=1.0, workers=8, weight_decay=1e-4, min_lr=0.0,
+                    max_iters=None, aux=False, aux_weight=0.2, residual_gate=False, stage3_encoding=True,
+                    dropout2d=False, max_rotation=10.0, cat_max_ratio=None, photometric=False)
 DEFAULTS = {
     "ade20k": dict(PAPER_RECIPE, lr=0.01, epochs=120),
     "pcontext": dict(PAPER_RECIPE, lr=0.001, epochs=50),
@@ -33,21 +35,44 @@ DEFAULTS = {
     "pascal_aug": dict(PAPER_RECIPE, lr=0.001, epochs=50),
     # COCO pretraining for VOC (Sec. 3.3): base lr 0.01 per the paper; it does not give the epochs.
     "coco": dict(PAPER_RECIPE, lr=0.01, epochs=30),
-    "context": dict(lr=0.02, epochs=13, batch_size=16, crop_size=320, base_size=320, head_lr_mult=10.0,
+    # mmsegmentation's EncNet-R50 Cityscapes recipe (77.94 mIoU), from encnet_r50-d8_512x1024_80k_cityscapes.py
+    # and its bases: _base_/schedules/schedule_80k.py (SGD lr 0.01, momentum 0.9, weight decay 5e-4, poly
+    # power 0.9 down to min_lr 1e-4, 80k iterations), _base_/datasets/cityscapes.py (2048×1024 scaled by
+    # 0.5–2, crop 512×1024 with cat_max_ratio 0.75, flip, photometric distortion, no rotation; 4 GPUs × 2
+    # images) and _base_/models/encnet_r50-d8.py (EncHead: residual gate, Dropout2d, no stage-3 module;
+    # auxiliary FCN head on stage 3 at weight 0.4; SE-loss 0.2). One difference: its backbone is ResNetV1c
+    # with open-mmlab's ImageNet weights, here torchvision's ResNet-50 (`--backbone resnet50v1c
+    # --pretrained PATH` takes theirs).
+    "cityscapes": dict(PAPER_RECIPE, lr=0.01, epochs=None, max_iters=80000, batch_size=8, crop_size=[512, 1024],
+                       base_size=2048, weight_decay=5e-4, min_lr=1e-4, aux=True, aux_weight=0.4, residual_gate=True,
+                       stage3_encoding=False, dropout2d=True, max_rotation=0.0, cat_max_ratio=0.75, photometric=True),
+    "context": dict(PAPER_RECIPE, lr=0.02, epochs=13, crop_size=320, base_size=320, head_lr_mult=10.0,
                     backbone="resnet18", pretrained=None, width=16, head_width=64, workers=0),
 }
 
+
 # Arguments that must agree between a checkpoint and the command that resumes it.
-RUN_DEFINING = (*encnet.ARCHITECTURE, "data", "split", "batch_size", "epochs", "max_iters", "lr", "head_lr_mult",
-                "momentum", "weight_decay", "crop_size", "base_size", "seed", "se_weight", "aux_weight")
+RUN_DEFINING = (*encnet.ARCHITECTURE, "data", "split", "batch_size", "epochs", "max_iters", "lr", "min_lr",
+                "head_lr_mult", "momentum", "weight_decay", "crop_size", "base_size", "max_rotation", "cat_max_ratio",
+                "photometric", "seed", "se_weight", "aux_weight")
 
 
 def recipe_table():
     """The per-dataset defaults, for --help."""
-    keys = ["lr", "epochs", "batch_size", "crop_size", "base_size", "backbone", "pretrained", "workers"]
+    keys = ["lr", "epochs", "batch_size", "max_iters", "crop_size", "base_size", "backbone", "pretrained"]
+    show = lambda v: "x".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
     rows = [f"  {'--data':<11}" + "".join(f"{k:>11}" for k in keys)]
-    rows += [f"  {name:<11}" + "".join(f"{str(recipe[k]):>11}" for k in keys) for name, recipe in DEFAULTS.items()]
-    return "per-dataset defaults of the flags left unset (workers capped at the CPU cores):\n" + "\n".join(rows)
+    rows += [f"  {name:<11}" + "".join(f"{show(recipe[k]):>11}" for k in keys) for name, recipe in DEFAULTS.items()]
+    return ("per-dataset defaults of the flags left unset (loader workers: 8, capped at the CPU cores; "
+            "cityscapes: mmsegmentation's recipe, see DEFAULTS in train_seg.py):\n" + "\n".join(rows))
+
+
+def crop_size(text):
+    """--crop-size: 480 (a square) or HxW, e.g. 512x1024."""
+    sizes = [int(v) for v in text.lower().split("x")]
+    if len(sizes) > 2 or min(sizes) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a positive size N or HxW")
+    return sizes[0] if len(sizes) == 1 else sizes
 
 
 def get_args(argv=None):
@@ -56,9 +81,14 @@ def get_args(argv=None):
     g.add_argument("--data", default="context", choices=sorted(DEFAULTS), help="dataset (context: built in, no download)")
     g.add_argument("--data-root", help="folder holding the dataset in its standard layout (real datasets)")
     g.add_argument("--split", default="train", help="training split, e.g. train, train+val, train_aug")
-    g.add_argument("--crop-size", type=int, help="training crop (paper: 480)")
+    g.add_argument("--crop-size", type=crop_size, help="training crop, N or HxW (paper: 480)")
     g.add_argument("--base-size", type=int, help="long side before random scaling 0.5–2 (paper: 520)")
     g.add_argument("--workers", type=int, help="data loader processes per training process")
+    g.add_argument("--max-rotation", type=float, help="random rotation within ±degrees (released code: 10)")
+    g.add_argument("--cat-max-ratio", type=float,
+                   help="redraw a crop (up to 10 times) where one class covers more than this share (mmsegmentation)")
+    g.add_argument("--photometric", action="store_true", default=None,
+                   help="mmsegmentation's photometric distortion (brightness, contrast, saturation, hue)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="encnet", choices=["encnet", "fcn"])
     g.add_argument("--backbone", choices=sorted(encnet.ARCHITECTURES), help="dilated ResNet (paper: resnet50)")
@@ -69,14 +99,14 @@ def get_args(argv=None):
     g.add_argument("--num-codes", type=int, default=32, help="codewords K (0 = global average pooling)")
     g.add_argument("--no-se-loss", dest="se_loss", action="store_false", help="EncNet without the SE-losses")
     g.add_argument("--se-weight", type=float, default=0.2, help="α of the SE-loss (paper: 0.2)")
-    g.add_argument("--aux", action="store_true", help="auxiliary FCN head on stage 3 (released code)")
-    g.add_argument("--aux-weight", type=float, default=0.2, help="weight of the auxiliary loss")
+    g.add_argument("--aux", action="store_true", default=None, help="auxiliary FCN head on stage 3 (both zoos)")
+    g.add_argument("--aux-weight", type=float, help="weight of the auxiliary loss (released code 0.2, mmsegmentation 0.4)")
     g.add_argument("--lateral", action="store_true", help="fuse stage 2–3 features into the head (released code)")
-    g.add_argument("--residual-gate", action="store_true",
+    g.add_argument("--residual-gate", action="store_true", default=None,
                    help="relu(x + x⊗γ) as in the released code, instead of the paper's x⊗γ")
     g.add_argument("--dropout", type=float, default=0.1, help="dropout before the classifier")
-    g.add_argument("--dropout2d", action="store_true", help="channel-wise dropout there (mmsegmentation)")
-    g.add_argument("--no-stage3-encoding", dest="stage3_encoding", action="store_false",
+    g.add_argument("--dropout2d", action="store_true", default=None, help="channel-wise dropout there (mmsegmentation)")
+    g.add_argument("--no-stage3-encoding", dest="stage3_encoding", action="store_false", default=None,
                    help="EncNet without the stage-3 Context Encoding Module (Fig. 3) and its SE-loss (both zoos)")
     g.add_argument("--align-corners", action="store_true",
                    help="bilinear upsampling with align_corners=True (the released code)")
@@ -88,7 +118,8 @@ def get_args(argv=None):
                    help="base learning rate of the poly schedule (paper: 0.01 ADE20K, 0.001 others)")
     g.add_argument("--head-lr-mult", type=float, help="lr multiplier of the head (paper: 1, released code: 10)")
     g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--weight-decay", type=float, help="paper: 1e-4")
+    g.add_argument("--min-lr", type=float, help="the poly schedule ends here (mmsegmentation: 1e-4)")
     g.add_argument("--seed", type=int, default=0, help="seeds weights, data order, augmentation and dropout")
     g = run.add_run_arguments(p, out="runs/seg", log_every=5.0)
     g.add_argument("--init", help="fine-tune: start from the weights of a train_seg.py checkpoint, a published "
@@ -96,7 +127,10 @@ def get_args(argv=None):
                                   "schedule; the model's architecture is the file's")
     g.add_argument("--val-every", type=int, default=0, help="quick validation every N epochs (0: only at the end)")
     args = p.parse_args(argv)
+    length_in_epochs = args.epochs is not None  # then a recipe's iteration count does not apply
     for key, value in DEFAULTS[args.data].items():
+        if key == "max_iters" and length_in_epochs:
+            continue
         if getattr(args, key) is None:
             setattr(args, key, run.default_workers(value) if key == "workers" else value)
     if args.pretrained in ("none", ""):
@@ -128,9 +162,9 @@ def build_optimizer(model, args):
     return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
 
 
-def poly_lr(optimizer, base_lr, it, total_iters, power=0.9):
-    """lr = base · (1 − iter/total)^0.9, set every iteration (Sec. 3.1)."""
-    lr = base_lr * (1 - it / total_iters) ** power
+def poly_lr(optimizer, base_lr, it, total_iters, min_lr=0.0, power=0.9):
+    """lr = (base − min) · (1 − iter/total)^0.9 + min, set every iteration (Sec. 3.1; min 0 in the paper)."""
+    lr = (base_lr - min_lr) * (1 - it / total_iters) ** power + min_lr
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_mult"]
     return lr
@@ -191,7 +225,7 @@ def validation_images(model, dataset, device, args, count=4):
     strips = []
     for i in range(min(count, len(dataset))):
         image, label = dataset[i]
-        probs = predict(model, data.normalize(image[None].to(device)), args.crop_size, args.base_size, amp=args.amp)
+        probs = predict(model, data.normalize(image[None].to(device)), eval_crop(args), args.base_size, amp=args.amp)
         strips.append(torch.cat([image, colorize(label, palette), colorize(probs.argmax(1)[0].cpu(), palette)], 2))
     return strips
 
@@ -213,11 +247,17 @@ def quick_validation(model, dataset, rank, world, device, args):
     return metric.pixacc_miou()
 
 
+def eval_crop(args):
+    """The window of whole-image evaluation: the training crop; after non-square crops (Cityscapes) the
+    whole image at base size, as mmsegmentation evaluates it."""
+    return args.crop_size if isinstance(args.crop_size, int) else args.base_size
+
+
 def final_evaluation(model, dataset, rank, world, device, args, writer, it):
     """Whole images, single scale, sliding windows where larger than the crop → results.json,
     per_class_iou.txt, TensorBoard. → (pixAcc, mIoU)."""
     metric = evaluate(model, dataset, data.shard_indices(len(dataset), rank, world), device,
-                      crop_size=args.crop_size, base_size=args.base_size, amp=args.amp)
+                      crop_size=eval_crop(args), base_size=args.base_size, amp=args.amp)
     metric.all_reduce()
     pix_acc, miou = metric.pixacc_miou()
     if rank == 0:
@@ -243,7 +283,8 @@ def train(args):
     is_main = rank == 0
     torch.manual_seed(args.seed)  # the same initial weights on every process
     train_set = data.get_dataset(args.data, args.data_root, args.split, args.crop_size, args.base_size,
-                                 seed=args.seed)
+                                 seed=args.seed, max_rotation=args.max_rotation, cat_max_ratio=args.cat_max_ratio,
+                                 photometric=args.photometric)
     val_quick = data.get_dataset(args.data, args.data_root, "val", args.crop_size, args.base_size, mode="center")
     val_full = data.get_dataset(args.data, args.data_root, "val", args.crop_size, args.base_size, mode="val")
     args.num_classes = train_set.num_classes
@@ -291,7 +332,7 @@ def train(args):
         for images, labels in loader:
             # data
             run.seed_step(args.seed, it, rank)
-            lr = poly_lr(optimizer, args.lr, it, plan.total_iters)
+            lr = poly_lr(optimizer, args.lr, it, plan.total_iters, args.min_lr)
             images = data.normalize(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
             labels = labels.to(device, non_blocking=True)
             # forward
