@@ -46,7 +46,7 @@ DEFAULTS = {
     "cityscapes": dict(PAPER_RECIPE, lr=0.01, epochs=None, max_iters=80000, batch_size=8, crop_size=[512, 1024],
                        base_size=2048, weight_decay=5e-4, min_lr=1e-4, aux=True, aux_weight=0.4, residual_gate=True,
                        stage3_encoding=False, dropout2d=True, max_rotation=0.0, cat_max_ratio=0.75, photometric=True),
-    "context": dict(PAPER_RECIPE, lr=0.02, epochs=13, crop_size=320, base_size=320, head_lr_mult=10.0,
+    "context": dict(PAPER_RECIPE, lr=0.02, epochs=3, crop_size=320, base_size=320, head_lr_mult=10.0,
                     backbone="resnet18", pretrained=None, width=16, head_width=64, workers=0),
 }
 
