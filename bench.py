@@ -8,7 +8,8 @@ machine. Sections (--only NAME runs one):
     models     EncNet vs FCN, ResNet-50 at 480×480: FLOPs, parameters, fwd+bwd time
     data       training augmentation items/s per core: one affine warp vs the sequential Pillow pipeline
     syncbn     SyncBatchNorm in 2 gloo processes vs local BatchNorm; collectives per step
-    train      training images/s of EncNet and FCN on the built-in data (train_seg.py defaults)
+    train      training images/s of EncNet and FCN on the built-in data (train_seg.py defaults); the loop's
+               host syncs: numbers read every step vs kept on the device and read every 10 steps
     cifar      training images/s of the four Table-6 networks, i.e. the CPU time of one epoch
     coco       COCO polygon → mask, masks/s of data.py's NumPy rasteriser vs pycocotools' C (same masks)
     eval       eval.py's evaluation images/s, single- and multi-scale: windows batched (on a GPU) vs the
@@ -41,6 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import data
 import encnet
 import layers
+import run
 import syncbn
 
 
@@ -332,14 +334,33 @@ def bench_train(quick, device="cpu"):
         labels = torch.randint(0, args.num_classes, (batch, data.CONTEXT_HEIGHT, data.CONTEXT_WIDTH), device=device)
 
         def step():
-            loss, _ = encnet.seg_loss(model(images), labels, args.num_classes)
+            loss, terms = encnet.seg_loss(model(images), labels, args.num_classes)
             optimizer.zero_grad()
             loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
             optimizer.step()
+            return loss, terms, grad_norm
         result[f"{name}_images_per_s"] = batch / timeit(step, 3 if quick else 20)
         result["setting"] = (f"{args.backbone} width {args.width}, {data.CONTEXT_HEIGHT}x{data.CONTEXT_WIDTH}, "
                              f"batch {batch}, {device}")
     result["encnet_vs_fcn_time"] = result["fcn_images_per_s"] / result["encnet_images_per_s"]
+
+    # The loop's host syncs: numbers read every step (.tolist()/.item(), the loop before run.StepStats)
+    # against kept on the device and read once per run.SYNC_EVERY steps, over SYNC_EVERY EncNet steps.
+    def read_every_step():
+        for _ in range(run.SYNC_EVERY):
+            loss, terms, grad_norm = step()
+            torch.stack([loss.detach(), *terms.values()]).tolist(), grad_norm.item()
+
+    def read_every_ten():
+        stats = run.StepStats(world=1)
+        for it in range(run.SYNC_EVERY):
+            loss, terms, grad_norm = step()
+            stats.add(it, loss=loss, **terms, grad_norm=grad_norm)
+        stats.sync()
+    times = timeit_alternating({"every_step": read_every_step, "every_10": read_every_ten}, 2 if quick else 5, warmup=1)
+    result["host_sync_every_step_s"], result["host_sync_every_10_s"] = times["every_step"], times["every_10"]
+    result["host_sync_every_10_vs_every_step_time"] = times["every_10"] / times["every_step"]
     return result
 
 
@@ -586,6 +607,15 @@ SECTIONS = {"encoding": bench_encoding, "models": bench_models, "data": bench_da
             "eval": bench_eval}
 
 
+def cpu_model():
+    """The processor's name ('model name' of /proc/cpuinfo on Linux): every figure is stated with it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=sorted(SECTIONS), action="append", help="run only these sections")
@@ -593,8 +623,8 @@ def main(argv=None):
     p.add_argument("--json", default="bench_results.json",
                    help="where to write the results (with --only, the other sections already there are kept)")
     args = p.parse_args(argv)
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-               "torch": torch.__version__, "threads": torch.get_num_threads()}
+    machine = {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
     results = {}
     if args.only and os.path.exists(args.json):
         with open(args.json) as f:

@@ -520,6 +520,13 @@ def test_jpeg_draft_keeps_the_geometry(tmp_path):
     assert reduced
 
 
+def epoch_batches(dataset, workers):
+    """Epoch 1 of `dataset` in batches of 2 through a DataLoader with `workers` processes."""
+    sampler = data.ShardedBatchSampler(len(dataset), 2, seed=3)
+    sampler.set_epoch(1)
+    return list(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers))
+
+
 def test_items_are_deterministic_and_worker_independent(tmp_path):
     make_ade(tmp_path, n=6)
     dataset = data.get_dataset("ade20k", tmp_path, "train", crop_size=24, base_size=40, seed=3)
@@ -528,12 +535,7 @@ def test_items_are_deterministic_and_worker_independent(tmp_path):
     dataset.set_epoch(1)
     assert not torch.equal(first[0], dataset[2][0])
 
-    def batches(workers):
-        sampler = data.ShardedBatchSampler(len(dataset), 2, seed=3)
-        sampler.set_epoch(1)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers)
-        return list(loader)
-    serial, parallel = batches(0), batches(2)
+    serial, parallel = epoch_batches(dataset, workers=0), epoch_batches(dataset, workers=2)
     assert len(serial) == 3
     for (image_a, label_a), (image_b, label_b) in zip(serial, parallel):
         assert image_a.shape == (2, 3, 24, 24) and torch.equal(image_a, image_b) and torch.equal(label_a, label_b)
@@ -1265,12 +1267,7 @@ def test_items_with_the_options_are_deterministic_and_worker_independent(tmp_pat
     dataset.set_epoch(1)
     assert not torch.equal(first[0], dataset[1][0])
 
-    def batches(workers):
-        sampler = data.ShardedBatchSampler(len(dataset), 2, seed=3)
-        sampler.set_epoch(1)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers)
-        return list(loader)
-    serial, parallel = batches(0), batches(2)
+    serial, parallel = epoch_batches(dataset, workers=0), epoch_batches(dataset, workers=2)
     assert len(serial) == 2
     for (image_a, label_a), (image_b, label_b) in zip(serial, parallel):
         assert image_a.shape == (2, 3, 4, 16) and torch.equal(image_a, image_b) and torch.equal(label_a, label_b)
