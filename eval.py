@@ -423,7 +423,7 @@ def parse_args(argv):
                    help="a train_seg.py checkpoint, a zoo file (authors' or mmsegmentation's) or a zoo name")
     p.add_argument("--data", help="dataset to evaluate on (default: the model's)")
     p.add_argument("--data-root", help="folder holding the dataset in its standard layout")
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", default="val", help="the split to evaluate")
     p.add_argument("--protocol", choices=PROTOCOLS, default="repo",
                    help="test-time procedure and mIoU convention: repo (this project's), released (the authors' "
                         "multi-scale code), mmseg / mmseg-ms (mmsegmentation's); see above")

@@ -33,11 +33,11 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=int, default=600, help="paper: 600")
     p.add_argument("--batch-size", type=int, default=128, help="global batch, split over processes (paper: 128)")
     p.add_argument("--lr", type=float, default=0.1, help="base lr of the cosine schedule (released code: 0.1)")
-    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="paper: 5e-4 (released code: 1e-4)")
     p.add_argument("--no-encoding-drop", dest="encoding_drop", action="store_false",
                    help="learned smoothing factors instead of EncodingDrop")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds weights, data order, augmentation and EncodingDrop")
     p.add_argument("--workers", type=int, default=run.default_workers(4),
                    help="data loader processes per training process (4, capped at the CPU cores)")
     g = run.add_run_arguments(p, out="runs/cifar", log_every=10.0)

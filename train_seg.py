@@ -90,7 +90,7 @@ def get_args(argv=None):
     g.add_argument("--photometric", action="store_true", default=None,
                    help="mmsegmentation's photometric distortion (brightness, contrast, saturation, hue)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="encnet", choices=["encnet", "fcn"])
+    g.add_argument("--model", default="encnet", choices=["encnet", "fcn"], help="EncNet or the FCN baseline")
     g.add_argument("--backbone", choices=sorted(encnet.ARCHITECTURES), help="dilated ResNet (paper: resnet50)")
     g.add_argument("--pretrained", help="backbone weights: 'imagenet' (torchvision's), a path or a URL; "
                                         "'none' to train from scratch")
@@ -117,7 +117,7 @@ def get_args(argv=None):
     g.add_argument("--lr", type=float,
                    help="base learning rate of the poly schedule (paper: 0.01 ADE20K, 0.001 others)")
     g.add_argument("--head-lr-mult", type=float, help="lr multiplier of the head (paper: 1, released code: 10)")
-    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
     g.add_argument("--weight-decay", type=float, help="paper: 1e-4")
     g.add_argument("--min-lr", type=float, help="the poly schedule ends here (mmsegmentation: 1e-4)")
     g.add_argument("--seed", type=int, default=0, help="seeds weights, data order, augmentation and dropout")
