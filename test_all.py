@@ -520,25 +520,28 @@ def test_jpeg_draft_keeps_the_geometry(tmp_path):
     assert reduced
 
 
-def epoch_batches(dataset, workers):
-    """Epoch 1 of `dataset` in batches of 2 through a DataLoader with `workers` processes."""
-    sampler = data.ShardedBatchSampler(len(dataset), 2, seed=3)
-    sampler.set_epoch(1)
-    return list(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers))
+def assert_deterministic_and_worker_independent(dataset, index, batches, image_shape):
+    """An item is the same when read again and changes with the epoch; epoch 1 in batches of 2 is the same
+    through 0 and 2 DataLoader workers."""
+    first = dataset[index]
+    assert all(torch.equal(a, b) for a, b in zip(first, dataset[index]))
+    dataset.set_epoch(1)
+    assert not torch.equal(first[0], dataset[index][0])
+
+    def epoch_batches(workers):
+        sampler = data.ShardedBatchSampler(len(dataset), 2, seed=3)
+        sampler.set_epoch(1)
+        return list(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers))
+    serial, parallel = epoch_batches(workers=0), epoch_batches(workers=2)
+    assert len(serial) == batches
+    for (image_a, label_a), (image_b, label_b) in zip(serial, parallel):
+        assert image_a.shape == (2, *image_shape) and torch.equal(image_a, image_b) and torch.equal(label_a, label_b)
 
 
 def test_items_are_deterministic_and_worker_independent(tmp_path):
     make_ade(tmp_path, n=6)
     dataset = data.get_dataset("ade20k", tmp_path, "train", crop_size=24, base_size=40, seed=3)
-    first = dataset[2]
-    assert all(torch.equal(a, b) for a, b in zip(first, dataset[2]))
-    dataset.set_epoch(1)
-    assert not torch.equal(first[0], dataset[2][0])
-
-    serial, parallel = epoch_batches(dataset, workers=0), epoch_batches(dataset, workers=2)
-    assert len(serial) == 3
-    for (image_a, label_a), (image_b, label_b) in zip(serial, parallel):
-        assert image_a.shape == (2, 3, 24, 24) and torch.equal(image_a, image_b) and torch.equal(label_a, label_b)
+    assert_deterministic_and_worker_independent(dataset, 2, batches=3, image_shape=(3, 24, 24))
 
 
 def test_sharded_batch_sampler():
@@ -1261,16 +1264,8 @@ def test_items_with_the_options_are_deterministic_and_worker_independent(tmp_pat
     options = dict(crop_size=(4, 16), base_size=34, seed=3, max_rotation=0.0, cat_max_ratio=0.75,
                    photometric=True)
     dataset = data.get_dataset("cityscapes", tmp_path, "train", **options)
-    first = dataset[1]
-    assert first[0].shape == (3, 4, 16) and first[1].shape == (4, 16)
-    assert all(torch.equal(a, b) for a, b in zip(first, dataset[1]))
-    dataset.set_epoch(1)
-    assert not torch.equal(first[0], dataset[1][0])
-
-    serial, parallel = epoch_batches(dataset, workers=0), epoch_batches(dataset, workers=2)
-    assert len(serial) == 2
-    for (image_a, label_a), (image_b, label_b) in zip(serial, parallel):
-        assert image_a.shape == (2, 3, 4, 16) and torch.equal(image_a, image_b) and torch.equal(label_a, label_b)
+    assert dataset[1][0].shape == (3, 4, 16) and dataset[1][1].shape == (4, 16)
+    assert_deterministic_and_worker_independent(dataset, 1, batches=2, image_shape=(3, 4, 16))
 
 
 def test_mmseg_cityscapes_recipe_and_option_errors(tmp_path):
