@@ -1,4 +1,4 @@
-"""Benchmarks behind the README's performance table: `python bench.py` (about 10 minutes on 2 CPU cores).
+"""Benchmarks behind the README's performance table: `python bench.py` (about 18 minutes on 2 CPU cores).
 
 Every claim is a ratio against its alternative measured in the same run, so it holds on a noisy
 machine. Sections (--only NAME runs one):
