@@ -18,6 +18,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import time
 from typing import NamedTuple
 
@@ -173,11 +174,28 @@ def seed_step(seed, step, rank):
     torch.manual_seed((seed * 1_000_003 + step) * 1009 + rank)
 
 
-def ignore_interrupts(worker_id):
-    """DataLoader worker_init_fn: Ctrl-C reaches every process of the terminal's group, the loader's workers
-    too; they leave it to the training process, which checkpoints and then shuts them down. (SIGTERM keeps
-    its default: the loader and the interpreter's exit stop a stuck worker with it.)"""
+def loader_worker_signals(worker_id):
+    """DataLoader worker_init_fn. Ctrl-C reaches every process of the terminal's group, and a scheduler's
+    SIGTERM (scancel, preemption) every process of the job: the loader's workers too. A worker that died of
+    it would take the training process down with a traceback before its checkpoint, so workers leave both
+    signals to the training process, which finishes the iteration, checkpoints and shuts them down.
+
+    A SIGTERM from the training process itself (the loader stopping a stuck worker, the interpreter's
+    exit) still ends the worker at once: SIGTERM is blocked and a thread reads who sent it (sigwaitinfo,
+    Linux; elsewhere SIGTERM keeps its default)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+        threading.Thread(target=_end_on_sigterm_from, args=(os.getppid(),), daemon=True).start()
+
+
+def _end_on_sigterm_from(parent):
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass  # someone else's: the training process got it too and will stop this worker
+    # Exit 0, as a worker the loader shuts down: a death by signal of a worker still registered (an iterator
+    # caught in an error's reference cycle, terminated at the interpreter's exit) is reported by the loader's
+    # SIGCHLD handler as a crash, with a traceback.
+    os._exit(0)
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -1812,63 +1812,83 @@ def test_train_seg_end_to_end_single_process(tmp_path):
 
 
 
+# Runs that several tests compare against, each trained once per session. STRAIGHT: long enough for a stop
+# request to land mid-run (the loop reads it at its sync every 10 iterations); TWO: multi-process runs.
+STRAIGHT = [*TINY, "--max-iters", 30]
+TWO = [*TINY, "--max-iters", 4, "--dropout", 0, "--aux"]
+
+
+@pytest.fixture(scope="module")
+def straight_weights(tmp_path_factory):
+    """Weights of an uninterrupted single-process STRAIGHT run: every interrupted and resumed run ends here."""
+    out = tmp_path_factory.mktemp("straight")
+    run("train_seg.py", *STRAIGHT, "--out", out)
+    return weights(out)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """Output folder of TWO under torchrun with 2 processes × 2 images."""
+    out = tmp_path_factory.mktemp("two")
+    run("train_seg.py", *TWO, "--out", out, nproc=2)
+    return out
+
+
 @pytest.mark.slow
-def test_two_processes_compute_the_single_process_steps(tmp_path):
+def test_two_processes_compute_the_single_process_steps(tmp_path, two_process_run):
     # 2 processes × 2 images = 1 process × 4 images: SyncBatchNorm, sharded batches, global pixel count
-    args = [*TINY, "--max-iters", 3, "--dropout", 0, "--aux"]
-    run("train_seg.py", *args, "--out", tmp_path / "one")
-    run("train_seg.py", *args, "--out", tmp_path / "two", nproc=2)
-    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), exact=False)
+    run("train_seg.py", *TWO, "--out", tmp_path / "one")
+    assert_same_weights(weights(tmp_path / "one"), weights(two_process_run), exact=False)
     one = json.loads((tmp_path / "one" / "results.json").read_text())
-    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    two = json.loads((two_process_run / "results.json").read_text())
     assert abs(one["mIoU"] - two["mIoU"]) < 1e-3  # evaluation sharded over both processes, then reduced
 
 
 @pytest.mark.slow
-def test_two_torchrun_agents_on_loopback(tmp_path):
-    # multi-node: two torchrun agents (one process each) meeting through the c10d rendezvous
+def test_two_torchrun_agents_on_loopback(tmp_path, two_process_run):
+    # multi-node: two torchrun agents (one process each) meeting through the c10d rendezvous compute what
+    # one agent with two processes computes
     port = free_port()
-    args = [*TINY, "--max-iters", 2, "--dropout", 0, "--out", tmp_path / "nodes"]
     agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
                                 "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "encnet-test",
-                                "--rdzv-endpoint", f"127.0.0.1:{port}", "train_seg.py", *map(str, args)],
+                                "--rdzv-endpoint", f"127.0.0.1:{port}", "train_seg.py", *map(str, TWO),
+                                "--out", str(tmp_path / "nodes")],
                                cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
     logs = [a.communicate(timeout=300)[0] for a in agents]
     assert all(a.returncode == 0 for a in agents), logs
-    run("train_seg.py", *TINY, "--max-iters", 2, "--dropout", 0, "--out", tmp_path / "one")
-    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "nodes"), exact=False)
+    assert_same_weights(weights(two_process_run), weights(tmp_path / "nodes"), exact=False)
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_gives_the_uninterrupted_weights(tmp_path):
-    args = [*TINY, "--max-iters", 6, "--save-every", 2]
-    run("train_seg.py", *args, "--out", tmp_path / "straight")
+def test_resume_after_sigkill_gives_the_uninterrupted_weights(tmp_path, straight_weights):
+    args = [*STRAIGHT, "--save-every", 2]
     # killed (SIGKILL) in the middle of an epoch, after the checkpoint of iteration 2
     killed = run(killed_at(tmp_path, "train_seg.py", 3), *args, "--out", tmp_path / "killed", check=False)
     assert killed.returncode == -9
     assert run_plumbing.load_checkpoint(tmp_path / "killed" / "checkpoint.pth")["iter"] == 2
     run("train_seg.py", *args, "--out", tmp_path / "killed", "--resume")
-    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "killed"))
+    assert_same_weights(straight_weights, weights(tmp_path / "killed"))
 
 
 @pytest.mark.slow
-def test_kill_at_a_random_moment_leaves_a_loadable_checkpoint_and_resume_gets_the_weights(tmp_path):
-    args = [*TINY, "--max-iters", 8, "--save-every", 1]
-    run("train_seg.py", *args, "--out", tmp_path / "straight")
+def test_kill_at_a_random_moment_leaves_a_loadable_checkpoint_and_resume_gets_the_weights(tmp_path,
+                                                                                           straight_weights):
+    args = [*STRAIGHT, "--save-every", 1]
     out = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "train_seg.py", *map(str, args), "--out", str(out)], cwd=HERE,
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-    # a random iteration's progress line, printed just before that iteration's checkpoint is written:
-    # the kill lands before, during or after torch.save
-    at = np.random.default_rng().integers(1, 8)
-    wait_for_line(process, rf"iter {at}/8")
+    # the progress line of a random iteration, printed just before its checkpoint is written: the kill lands
+    # before, during or after torch.save. From iteration 2 on, so that a checkpoint exists either way.
+    at = int(np.random.default_rng().integers(2, 8))
+    wait_for_line(process, rf"iter {at}/30")
     process.kill()
     process.wait()
-    assert run_plumbing.load_checkpoint(out / "checkpoint.pth")["iter"] in (at - 1, at)  # complete, whatever the moment
+    saved = run_plumbing.load_checkpoint(out / "checkpoint.pth")["iter"]  # complete, whatever the moment
+    assert at - 1 <= saved <= at + 1, (at, saved)  # +1: this process read the line late
     run("train_seg.py", *args, "--out", out, "--resume")
-    assert_same_weights(weights(tmp_path / "straight"), weights(out))
+    assert_same_weights(straight_weights, weights(out))
 
 
 @pytest.mark.slow
@@ -1903,53 +1923,83 @@ def wait_for_line(process, pattern, timeout=120):
 
 
 @pytest.mark.slow
-def test_ctrl_c_checkpoints_the_current_iteration_and_resume_finishes_the_run(tmp_path):
-    args = [*TINY, "--max-iters", 60]
-    run("train_seg.py", *args, "--out", tmp_path / "straight")
+def test_ctrl_c_checkpoints_the_current_iteration_and_resume_finishes_the_run(tmp_path, straight_weights):
+    # as in a terminal: SIGINT to the whole process group, the loader's workers included
+    args = [*STRAIGHT, "--workers", 2]
     out = tmp_path / "stopped"
     process = subprocess.Popen([sys.executable, "train_seg.py", *map(str, args), "--out", str(out)], cwd=HERE,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-    wait_for_line(process, r"iter 10/60")  # training under way, and no checkpoint exists yet
-    process.send_signal(signal.SIGINT)
+    wait_for_line(process, r"iter 10/30")  # training under way, and no checkpoint exists yet
+    os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGINT
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
     found = re_search(r"stopped by SIGINT at iteration (\d+); checkpoint saved to \S+checkpoint.pth\. "
                       r"Continue with: python train_seg.py .*--resume", stderr)
     stopped_at = int(found.group(1))
-    assert 10 <= stopped_at < 60
+    assert 10 <= stopped_at < 30
     assert run_plumbing.load_checkpoint(out / "checkpoint.pth")["iter"] == stopped_at
     run("train_seg.py", *args, "--out", out, "--resume")
-    assert_same_weights(weights(tmp_path / "straight"), weights(out))
+    assert_same_weights(straight_weights, weights(out))
 
 
 @pytest.mark.slow
-def test_sigterm_under_torchrun_stops_both_ranks_at_one_iteration(tmp_path):
-    # what a scheduler does: SIGTERM to the job; torchrun passes it to its workers, which agree on the
-    # iteration through their next sync, checkpoint it together and exit; --resume ends where the
-    # uninterrupted 2-process run ends
-    args = [*TINY, "--max-iters", 60, "--dropout", 0]
+def test_sigterm_to_the_whole_job_stops_both_ranks_at_one_iteration(tmp_path):
+    # what a scheduler does (scancel, preemption): SIGTERM to every process of the job, torchrun, both
+    # ranks and their loader workers. The ranks agree on the iteration through their next sync, checkpoint
+    # it together and exit; --resume ends where the uninterrupted 2-process run ends
+    args = [*TINY, "--max-iters", 30, "--dropout", 0, "--workers", 1]
     run("train_seg.py", *args, "--out", tmp_path / "straight", nproc=2)
     out = tmp_path / "stopped"
     process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                 "--master_port", str(free_port()), "train_seg.py", *map(str, args),
                                 "--out", str(out)], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    wait_for_line(process, r"iter 10/60")
-    process.send_signal(signal.SIGTERM)
+                               text=True, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wait_for_line(process, r"iter 10/30")
+    os.killpg(process.pid, signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode != 0
+    assert process.returncode != 0 and "DataLoader worker" not in stderr, stderr[-3000:]
     stopped_at = int(re_search(r"stopped by SIGTERM at iteration (\d+); checkpoint saved", stderr).group(1))
-    assert run_plumbing.load_checkpoint(out / "checkpoint.pth")["iter"] == stopped_at < 60
+    assert run_plumbing.load_checkpoint(out / "checkpoint.pth")["iter"] == stopped_at < 30
     run("train_seg.py", *args, "--out", out, "--resume", nproc=2)
     assert_same_weights(weights(tmp_path / "straight"), weights(out), exact=False)
 
 
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="workers tell senders apart with sigwaitinfo (Linux)")
+def test_loader_workers_survive_a_foreign_sigterm_and_end_on_their_parents():
+    class WorkerPid(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10_000
+
+        def __getitem__(self, index):
+            return os.getpid()
+
+    batches = iter(torch.utils.data.DataLoader(WorkerPid(), num_workers=1,
+                                               worker_init_fn=run_plumbing.loader_worker_signals))
+    worker = int(next(batches))
+    subprocess.run(["kill", "-TERM", str(worker)], check=True)  # sent by another process, as scancel's
+    # pending in the worker once kill returns: unblocked, it would die before serving these
+    assert all(int(next(batches)) == worker for _ in range(50))
+    os.kill(worker, signal.SIGTERM)  # from its parent, as the loader stops a stuck worker: it ends
+    deadline = time.time() + 30
+    while process_state(worker) not in ("Z", "gone") and time.time() < deadline:  # Z: ended, not yet reaped
+        time.sleep(0.01)
+    assert process_state(worker) in ("Z", "gone")
+    del batches
+
+
+def process_state(pid):
+    """The state letter of a Linux process (R, S, Z, ...), or 'gone'."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
 @pytest.mark.slow
-def test_elastic_restart_resumes_by_itself(tmp_path):
-    args = [*TINY, "--max-iters", 5, "--save-every", 2, "--dropout", 0]
-    run("train_seg.py", *args, "--out", tmp_path / "straight", nproc=2)
+def test_elastic_restart_resumes_by_itself(tmp_path, two_process_run):
+    args = [*TWO, "--save-every", 2]
     # rank 0 SIGKILLs itself at iteration 3 on the first attempt; torchrun restarts both workers,
     # which find the checkpoint of iteration 2 and continue without --resume
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -1960,7 +2010,7 @@ def test_elastic_restart_resumes_by_itself(tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "from 2" in result.stdout  # the restarted job began at the checkpoint, not at 0
-    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "elastic"))
+    assert_same_weights(weights(two_process_run), weights(tmp_path / "elastic"))
 
 
 @pytest.mark.parametrize("flags,env,message", [
@@ -1983,13 +2033,20 @@ def test_bad_flags_get_one_clear_message(tmp_path, flags, env, message, monkeypa
         flags += ["--out", str(tmp_path / "out")]
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    stderr = train_seg_failure(flags, monkeypatch, capsys)
+    assert re.search(message, stderr) and len(stderr.strip().splitlines()) == 1, stderr
+
+
+def train_seg_failure(argv, monkeypatch, capsys):
+    """Run train_seg.main(argv) in this process, as the command line calls it, for a case that must stop
+    with a non-zero exit and a message, not a traceback → the message."""
     monkeypatch.setattr(sys, "argv", ["train_seg.py"])
     with pytest.raises(SystemExit) as stopped:  # anything else (a traceback) fails the test
-        train_seg.main(flags)
+        train_seg.main([str(a) for a in argv])
     assert stopped.value.code != 0
     stderr = capsys.readouterr().err
-    assert re.search(message, stderr), stderr
-    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.startswith("train_seg.py: error: ") and "Traceback" not in stderr, stderr
+    return stderr
 
 
 @pytest.mark.slow
@@ -2023,23 +2080,29 @@ def test_checkpoint_with_code_is_refused_and_nothing_of_it_runs(tmp_path):
     assert result.returncode != 0 and "refused to load" in result.stderr and not marker.exists()
 
 
+@pytest.fixture(scope="module")
+def fcn_run(tmp_path_factory):
+    """Output folder of an FCN trained for one iteration: a checkpoint that does not fit an EncNet."""
+    out = tmp_path_factory.mktemp("fcn")
+    run("train_seg.py", *TINY, "--max-iters", 1, "--model", "fcn", "--out", out)
+    return out
+
+
 @pytest.mark.slow
-def test_checkpoint_of_another_model_or_class_count_is_named(tmp_path):
-    run("train_seg.py", *TINY, "--max-iters", 1, "--model", "fcn", "--out", tmp_path / "fcn")
-    result = run("train_seg.py", *TINY, "--max-iters", 1, "--init", tmp_path / "fcn" / "checkpoint.pth",
-                 "--out", tmp_path / "enc", check=False)
-    assert result.returncode != 0 and "does not fit this model" in result.stderr and "enc_module" in result.stderr
+def test_checkpoint_of_another_model_or_class_count_is_named(tmp_path, fcn_run, monkeypatch, capsys):
+    stderr = train_seg_failure([*TINY, "--max-iters", 1, "--init", fcn_run / "checkpoint.pth", "--out",
+                                tmp_path / "enc"], monkeypatch, capsys)
+    assert "does not fit this model" in stderr and "enc_module" in stderr
     model = encnet.FCN(3, "resnet18", width=8, head_width=16)
     with pytest.raises(ValueError, match=r"head.2.weight: \(6, 16, 1, 1\) in the checkpoint, \(3, 16, 1, 1\) here"):
-        encnet.load_strict(model, weights(tmp_path / "fcn"), "fcn/checkpoint.pth")
+        encnet.load_strict(model, weights(fcn_run), "fcn/checkpoint.pth")
 
 
 @pytest.mark.slow
-def test_resume_with_other_hyperparameters_names_them(tmp_path):
-    run("train_seg.py", *TINY, "--max-iters", 1, "--model", "fcn", "--out", tmp_path / "fcn")
-    result = run("train_seg.py", *TINY, "--max-iters", 1, "--model", "fcn", "--lr", 0.5, "--resume",
-                 "--out", tmp_path / "fcn", check=False)
-    assert result.returncode != 0 and "--lr 0.02 in the checkpoint, 0.5 now" in result.stderr
+def test_resume_with_other_hyperparameters_names_them(fcn_run, monkeypatch, capsys):
+    stderr = train_seg_failure([*TINY, "--max-iters", 1, "--model", "fcn", "--lr", 0.5, "--resume", "--out", fcn_run],
+                               monkeypatch, capsys)
+    assert "--lr 0.02 in the checkpoint, 0.5 now" in stderr
 
 
 @pytest.mark.slow
@@ -2065,6 +2128,14 @@ def test_amp_runs_every_step(tmp_path):
     assert ("without native bf16" in result.stderr) == (not run_plumbing.cpu_has_fast_bf16())
     checkpoint = run_plumbing.load_checkpoint(tmp_path / "amp" / "checkpoint.pth")
     assert checkpoint["iter"] == 2 and checkpoint["optimizer"]["state"]  # no skipped step
+
+
+def test_predicted_classes_is_argmax_ties_included():
+    torch.manual_seed(0)
+    scores = torch.randint(0, 3, (2, 7, 33, 65)).float()  # 3 levels over 7 classes: most pixels tie
+    scores[0, :, 0, 0] = 1.0  # every class ties: the first wins
+    assert torch.equal(seg_eval.predicted_classes(scores), scores.argmax(1))
+    assert seg_eval.predicted_classes(scores)[0, 0, 0] == 0
 
 
 def test_metric_conventions_against_a_direct_computation():
@@ -2569,12 +2640,13 @@ def write_learnable_cifar(root, per_batch=64, test=100):
 
 @pytest.mark.slow
 def test_train_cifar_learns_and_resumes(tmp_path):
-    root = write_learnable_cifar(tmp_path / "data")
-    args = ["--model", "encnet16k64d", "--data-root", root, "--epochs", 2, "--batch-size", 32, "--lr", 0.05,
+    root = write_learnable_cifar(tmp_path / "data", per_batch=16, test=50)
+    # 2 epochs of 5 iterations; killed in the second epoch, after the checkpoint of its first iteration (6)
+    args = ["--model", "encnet16k64d", "--data-root", root, "--epochs", 2, "--batch-size", 16, "--lr", 0.05,
             "--workers", 0, "--log-every", 0, "--save-every", 3]
     result = run("train_cifar.py", *args, "--out", tmp_path / "straight")
     top1 = json.loads((tmp_path / "straight" / "results.json").read_text())["top1"]
-    assert top1 > 0.5, result.stdout  # chance is 0.1
+    assert top1 > 0.5, result.stdout  # chance is 0.1; measured 0.66-0.74 over seeds 0-2
     killed = run(killed_at(tmp_path, "train_cifar.py", 7), *args, "--out", tmp_path / "killed", check=False)
     assert killed.returncode == -9
     run("train_cifar.py", *args, "--out", tmp_path / "killed", "--resume")

@@ -72,7 +72,8 @@ def test_top1(model, dataset, rank, world, device, args):
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     counts = torch.zeros(2, dtype=torch.int64, device=device)  # [correct, seen]
     with torch.no_grad():
-        for images, labels in DataLoader(subset, batch_size=256, num_workers=args.workers):
+        for images, labels in DataLoader(subset, batch_size=256, num_workers=args.workers,
+                                         worker_init_fn=run.loader_worker_signals):  # also runs inside training
             images = data.normalize(images.to(device), data.CIFAR_MEAN, data.CIFAR_STD)
             labels = labels.to(device)
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
@@ -142,7 +143,7 @@ def train(args):
         sampler.set_epoch(epoch, start_batch=it % plan.iters_per_epoch)  # mid-epoch resume skips seen batches
         train_set.set_epoch(epoch)
         loader = DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers,
-                            pin_memory=device.type == "cuda", worker_init_fn=run.ignore_interrupts)
+                            pin_memory=device.type == "cuda", worker_init_fn=run.loader_worker_signals)
         for images, labels in loader:
             # data
             run.seed_step(args.seed, it, rank)  # EncodingDrop's draws depend only on (seed, iteration, rank)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 import data
 import encnet
 import run
-from eval import SegMetric, colorize, evaluate, per_class_table, predict
+from eval import SegMetric, colorize, evaluate, per_class_table, predict, predicted_classes
 
 # Each dataset's recipe: the paper's (Sec. 3.1) for the datasets it trained on, mmsegmentation's for
 # Cityscapes, a CPU-sized one for the built-in data. A flag left unset takes its dataset's value.
@@ -226,7 +226,8 @@ def validation_images(model, dataset, device, args, count=4):
     for i in range(min(count, len(dataset))):
         image, label = dataset[i]
         probs = predict(model, data.normalize(image[None].to(device)), eval_crop(args), args.base_size, amp=args.amp)
-        strips.append(torch.cat([image, colorize(label, palette), colorize(probs.argmax(1)[0].cpu(), palette)], 2))
+        pred = predicted_classes(probs)[0].cpu()
+        strips.append(torch.cat([image, colorize(label, palette), colorize(pred, palette)], 2))
     return strips
 
 
@@ -236,12 +237,13 @@ def quick_validation(model, dataset, rank, world, device, args):
     model.eval()
     metric = SegMetric(dataset.num_classes)
     loader = DataLoader(torch.utils.data.Subset(dataset, data.shard_indices(len(dataset), rank, world)),
-                        batch_size=max(1, args.batch_size // world), num_workers=args.workers)
+                        batch_size=max(1, args.batch_size // world), num_workers=args.workers,
+                        worker_init_fn=run.loader_worker_signals)  # runs inside training: a stop request waits
     with torch.no_grad():
         for images, labels in loader:
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                 logits = model(data.normalize(images.to(device)))
-            metric.update(logits.argmax(1).cpu(), labels)
+            metric.update(predicted_classes(logits).cpu(), labels)
     metric.all_reduce()
     model.train()
     return metric.pixacc_miou()
@@ -328,7 +330,7 @@ def train(args):
         sampler.set_epoch(epoch, start_batch=it % plan.iters_per_epoch)  # mid-epoch resume skips seen batches
         train_set.set_epoch(epoch)
         loader = DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers,
-                            pin_memory=device.type == "cuda", worker_init_fn=run.ignore_interrupts)
+                            pin_memory=device.type == "cuda", worker_init_fn=run.loader_worker_signals)
         for images, labels in loader:
             # data
             run.seed_step(args.seed, it, rank)
