@@ -403,7 +403,7 @@ def bench_gpu(quick, device=None):
     cuda = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if cuda else str(device)
     peak = next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
-    size, batch, backbone = (64, 2, "resnet18") if quick else (480, 16, "resnet50")
+    size, batch, backbone = (32, 2, "resnet18") if quick else (480, 16, "resnet50")
     result = {"device": name, "setting": f"EncNet {backbone}, {size}x{size}, batch {batch}, 150 classes"}
 
     def synchronised(fn):
@@ -560,7 +560,8 @@ def bench_eval(quick, device=None):
     """eval.py's protocol 'repo' on one 512×512 image with EncNet-ResNet50 (150 classes, crop 480, base 520):
     images/s single- and multi-scale (6 scales + flips), the baseline (todays_eval_predict) vs eval.predict
     (its defaults: on a GPU windows and mirror images 8 per batch), their largest probability difference,
-    and on a GPU bf16 autocast (speed, share of pixels whose class agrees with float32)."""
+    and on a GPU bf16 autocast (speed, share of pixels whose class agrees with float32). Then the class map
+    of a score map at the built-in data's and ADE20K's shape: argmax(1) against eval.predicted_classes."""
     import eval as seg_eval
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -599,6 +600,17 @@ def bench_eval(quick, device=None):
             result[f"{label}_bf16_speedup_over_new_fp32"] = times["fp32"] / times["bf16"]
             agree = (bf16().argmax(1) == new().argmax(1)).double().mean().item()
             result[f"{label}_bf16_pixels_agreeing_pct"] = 100 * agree
+
+    # the class map of the scores: argmax(1) against eval.predicted_classes (max(1).indices, the same indices)
+    shapes = {"context": (1, 6, 64, 320)} if quick else {"context": (1, 6, 64, 320), "ade20k": (1, 150, 512, 683)}
+    for label, shape in shapes.items():
+        scores = torch.rand(shape, device=device)
+        times = timeit_alternating({"argmax": synced(lambda: scores.argmax(1)),
+                                    "max_indices": synced(lambda: seg_eval.predicted_classes(scores))},
+                                   3 if quick else 10)
+        result[f"class_map_{label}_argmax_ms"] = 1e3 * times["argmax"]
+        result[f"class_map_{label}_max_indices_ms"] = 1e3 * times["max_indices"]
+        result[f"class_map_{label}_speedup"] = times["argmax"] / times["max_indices"]
     return result
 
 

@@ -2703,6 +2703,7 @@ def test_bench_quick_runs_every_section(tmp_path):
     assert results["gpu"] == {"status": "not measured: no GPU on this machine"} or torch.cuda.is_available()
     assert results["coco"]["identical_masks"] == "20/20" and results["coco"]["ours_masks_per_s"] > 0
     assert results["eval"]["multi_scale_max_prob_difference"] < 1e-5 and results["eval"]["single_scale_speedup"] > 0
+    assert results["eval"]["class_map_context_speedup"] > 0
 
 
 def test_bench_gpu_section_runs_on_cpu():
