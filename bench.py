@@ -340,7 +340,7 @@ def bench_train(quick, device="cpu"):
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
             optimizer.step()
             return loss, terms, grad_norm
-        result[f"{name}_images_per_s"] = batch / timeit(step, 3 if quick else 20)
+        result[f"{name}_images_per_s"] = batch / timeit(step, *((1, 0) if quick else (20, 2)))
         result["setting"] = (f"{args.backbone} width {args.width}, {data.CONTEXT_HEIGHT}x{data.CONTEXT_WIDTH}, "
                              f"batch {batch}, {device}")
     result["encnet_vs_fcn_time"] = result["fcn_images_per_s"] / result["encnet_images_per_s"]
@@ -358,7 +358,7 @@ def bench_train(quick, device="cpu"):
             loss, terms, grad_norm = step()
             stats.add(it, loss=loss, **terms, grad_norm=grad_norm)
         stats.sync()
-    times = timeit_alternating({"every_step": read_every_step, "every_10": read_every_ten}, 2 if quick else 5, warmup=1)
+    times = timeit_alternating({"every_step": read_every_step, "every_10": read_every_ten}, *((1, 0) if quick else (5, 1)))
     result["host_sync_every_step_s"], result["host_sync_every_10_s"] = times["every_step"], times["every_10"]
     result["host_sync_every_10_vs_every_step_time"] = times["every_10"] / times["every_step"]
     return result
@@ -380,7 +380,7 @@ def bench_cifar(quick):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        rate = batch / timeit(step, 2 if quick else 5, warmup=1)
+        rate = batch / timeit(step, *((1, 0) if quick else (5, 1)))
         result[f"{name}_params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
         result[f"{name}_images_per_s"] = rate
         result[f"{name}_epoch_min"] = 50000 / rate / 60
@@ -585,7 +585,7 @@ def bench_eval(quick, device=None):
     for label, scales, flip in (("single_scale", (1.0,), False), ("multi_scale", seg_eval.MULTI_SCALES, True)):
         today = synced(lambda: todays_eval_predict(model, image, crop, base, scales, flip))
         new = synced(lambda: seg_eval.predict(model, image, crop, base, scales, flip))
-        repeat, warmup = (1, 0) if on_cpu_full and flip else (3, 1) if on_cpu_full else (5, 2)
+        repeat, warmup = (1, 0) if quick or (on_cpu_full and flip) else (3, 1) if on_cpu_full else (5, 2)
         times = timeit_alternating({"today": today, "new": new}, repeat, warmup)
         result[f"{label}_today_images_per_s"] = 1 / times["today"]
         result[f"{label}_new_images_per_s"] = 1 / times["new"]
