@@ -8,6 +8,7 @@
     Schedule            iterations per epoch, total iterations, checkpoint interval
     StepStats           the per-step numbers, kept on the device and read every few iterations
     StopRequest         Ctrl-C / SIGTERM: checkpoint at the current iteration, then exit
+    loader_worker_signals  the loader's workers leave Ctrl-C and a scheduler's SIGTERM to the training process
     run_or_exit         the failures a user can fix end with one line, not a traceback
 
 Imports torch and syncbn only: nothing here knows about datasets or models.
