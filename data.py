@@ -31,15 +31,24 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image  # ImageFile.LOAD_TRUNCATED_IMAGES stays False: a truncated file must fail
+from PIL import Image, ImageFilter  # ImageFile.LOAD_TRUNCATED_IMAGES stays False: a truncated file must fail
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet, as the pretrained backbones expect
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-class DataError(Exception):
-    """Missing, misplaced or damaged data. The message names the path; print it, no traceback needed."""
+class UserError(Exception):
+    """A problem the user can fix: bad data, flags, files or downloads, a diverged run. Reported as its message
+    alone (exit status `exit_status`), without a traceback; every other exception is a bug and keeps its
+    traceback. Defined here, in the lowest module that raises one, so that every module can share it.
+    all_ranks: whether each process reports its own (a data error may be one rank's only)."""
+    exit_status = 1
+    all_ranks = True
+
+
+class DataError(UserError):
+    """Missing, misplaced or damaged data. The message names the path."""
 
 
 @contextmanager
@@ -58,6 +67,9 @@ def normalize(images, mean=MEAN, std=STD):
     return images.float().sub_(mean).div_(std)  # .float() and in-place ops preserve the memory format
 
 
+CLASS_TABLE = json.loads(Path(__file__).with_name("classes.json").read_text())  # names, palettes, Cityscapes ids
+
+
 def dataset_info(name):
     """{'classes', 'palette', 'num_classes'} of a dataset, from classes.json next to this file."""
     if name == "context":
@@ -66,11 +78,10 @@ def dataset_info(name):
         palette = dataset_info("pascal_voc")["palette"][1:11]  # any ten distinct colours
         return {"classes": CIFAR_CLASSES, "palette": palette, "num_classes": 10}
     key = {"pascal_aug": "pascal_voc", "coco": "pascal_voc"}.get(name, name)  # COCO is trained on VOC's classes
-    table = json.loads(Path(__file__).with_name("classes.json").read_text())
-    if key not in table or key.startswith("_"):
-        raise ValueError(f"no class list for dataset {name!r}")
-    return {"classes": table[key]["classes"], "palette": table[key]["palette"],
-            "num_classes": len(table[key]["classes"])}
+    if key not in CLASS_TABLE or key.startswith("_"):
+        raise DataError(f"no class list for dataset {name!r}")
+    entry = CLASS_TABLE[key]
+    return {"classes": entry["classes"], "palette": entry["palette"], "num_classes": len(entry["classes"])}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,16 +96,27 @@ def crop_shape(crop_size):
 
 
 def augment_train(image, label, rng, crop_size, base_size, scale_range=(0.5, 2.0), max_rotation=10.0,
-                  label_fill=255, cat_max_ratio=None, label_classes=None, photometric=False):
+                  label_fill=255, cat_max_ratio=None, label_classes=None, photometric=False, scale_rule="long",
+                  scale_box=None, blur=False, image_fill=0):
     """The released code's random flip → scale → rotate → pad → crop, as one affine warp into the crop.
 
     image: PIL RGB image W×H (if it is a JPEG opened but not yet loaded, it is decoded at 1/2, 1/4 or 1/8
     size when the sampled scale allows; the matrix accounts for it). label: PIL 'L' of raw dataset values, W×H.
     crop_size: n (n×n) or (height, width). Returns the crop image (padding and rotated-away corners 0) and
-    label (those label_fill), both PIL of width×height crop_size.
+    label (those label_fill), both PIL of width×height crop_size. image_fill: the padding's grey level or RGB.
     Warping only the output pixels skips resizing and rotating the whole scaled image (up to 1040×780).
     Shrinking is plain bilinear sampling, without the anti-aliasing filter of PIL's resize (like torch's
     interpolate), apart from the block averaging a reduced JPEG decode does.
+
+    scale_rule: how the random scale is drawn.
+        'long'  the released code's final revision: the long side a random integer in scale_range × base_size
+                (both ends included), the short side rounded, aspect kept;
+        'short' its revision that trained the published models (v0.5.0): the short side drawn so, the long
+                side truncated (int());
+        'box'   mmsegmentation's RandomResize(scale_box, ratio_range, keep_ratio=True): r ~ U(scale_range), the
+                image resized by the largest factor that fits it into int(long·r) × int(short·r) of
+                scale_box = (long, short) (mmcv's rescale_size, sides rounded).
+    blur: a Gaussian blur of radius U(0, 1) on the crop's image with probability ½ (released v0.5.0).
 
     Options of mmsegmentation's recipes (off by default):
     cat_max_ratio: redraw the crop's offset (only the offset) while one class covers cat_max_ratio or more of
@@ -110,11 +132,17 @@ def augment_train(image, label, rng, crop_size, base_size, scale_range=(0.5, 2.0
     # Long side U(0.5, 2)·base_size. For Cityscapes (2048×1024) with base_size 2048 this is mmsegmentation's
     # RandomResize(scale=(2048, 1024), ratio_range=(0.5, 2.0), keep_ratio=True): the factor it draws, r,
     # makes the image 2048r × 1024r, as here (which draws the long side in whole pixels).
-    long_side = int(rng.integers(int(base_size * scale_range[0]), int(base_size * scale_range[1]), endpoint=True))
-    if h > w:  # released code: long side = long_side, aspect kept, short side rounded
-        sw, sh = int(w * long_side / h + 0.5), long_side
+    if scale_rule == "box":
+        ratio = rng.uniform(*scale_range)
+        box_long, box_short = int(max(scale_box) * ratio), int(min(scale_box) * ratio)
+        factor = min(box_long / max(w, h), box_short / min(w, h))
+        sw, sh = int(w * factor + 0.5), int(h * factor + 0.5)
     else:
-        sw, sh = long_side, int(h * long_side / w + 0.5)
+        side = int(rng.integers(int(base_size * scale_range[0]), int(base_size * scale_range[1]), endpoint=True))
+        if scale_rule == "long":  # long side = side, aspect kept, short side rounded
+            sw, sh = (int(w * side / h + 0.5), side) if h > w else (side, int(h * side / w + 0.5))
+        else:  # "short": short side = side, long side truncated
+            sw, sh = (side, int(h * side / w)) if h > w else (int(w * side / h), side)
     angle = math.radians(rng.uniform(-max_rotation, max_rotation))
 
     # Inverse map, output → input, in continuous coordinates where pixel i spans [i, i+1): Pillow's affine
@@ -149,7 +177,7 @@ def augment_train(image, label, rng, crop_size, base_size, scale_range=(0.5, 2.0
     factor = w / reduced[1][2] if reduced else 1.0
     image_matrix = np.diag([1 / factor, 1 / factor, 1.0]) @ matrix
     out = image.convert("RGB").transform(size, Image.Transform.AFFINE, tuple(image_matrix[:2].ravel()),
-                                         Image.Resampling.BILINEAR, fillcolor=0)
+                                         Image.Resampling.BILINEAR, fillcolor=image_fill)
     if photometric:
         # the output pixels whose source lies inside the image (the label's nearest-neighbour rule)
         inside = Image.new("L", (w, h), 1).transform(size, Image.Transform.AFFINE, tuple(matrix[:2].ravel()),
@@ -157,7 +185,15 @@ def augment_train(image, label, rng, crop_size, base_size, scale_range=(0.5, 2.0
         pixels = np.asarray(out)
         distorted = photometric_distortion(pixels, rng)
         out = Image.fromarray(np.where(np.asarray(inside, bool)[..., None], distorted, pixels))
+    if blur and rng.random() < 0.5:
+        out = out.filter(ImageFilter.GaussianBlur(radius=rng.random()))
     return out, out_label
+
+
+# Padding colours of training crops: black (the released code pads the image with 0 before normalising) or the
+# ImageNet mean in whole pixel levels, which normalises to 0 within half a level (mmsegmentation pads the
+# normalised image with exactly 0, i.e. the mean colour).
+PAD_COLOURS = {"black": (0, 0, 0), "mean": tuple(int(m * 255 + 0.5) for m in MEAN)}
 
 
 def crop_is_varied(classes, cat_max_ratio):
@@ -289,8 +325,8 @@ def label_tables(class_values, also_legal):
 
 
 # Cityscapes' 19 training classes (road, sidewalk, ..., bicycle) as the label ids of the gtFine
-# *_labelIds.png files (cityscapesscripts' labels.py; classes.json keeps the same list): index = class.
-CITYSCAPES_LABEL_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
+# *_labelIds.png files (cityscapesscripts' labels.py), from classes.json: index = class.
+CITYSCAPES_LABEL_IDS = CLASS_TABLE["cityscapes"]["label_ids"]
 
 LABELS = {  # label format: (raw value of class 0, 1, ..., other legal raw values)
     "ade20k": (range(1, 151), [0]),        # 0 = "other", ignored
@@ -336,10 +372,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, name, samples, read_label, crop_size, base_size, mode, seed, labels=None, *,
-                 max_rotation=10.0, cat_max_ratio=None, photometric=False):
+                 max_rotation=10.0, cat_max_ratio=None, photometric=False, scale_rule="long", scale_box=None,
+                 blur=False, pad="black"):
         self.samples, self.read_label = samples, read_label
         self.crop_size, self.base_size, self.mode, self.seed, self.epoch = crop_size, base_size, mode, seed, 0
-        self.max_rotation, self.cat_max_ratio, self.photometric = max_rotation, cat_max_ratio, photometric
+        self.augmentation = dict(max_rotation=max_rotation, cat_max_ratio=cat_max_ratio, photometric=photometric,
+                                 scale_rule=scale_rule, scale_box=scale_box, blur=blur, image_fill=PAD_COLOURS[pad])
         self.legal, self.lut = label_tables(*LABELS[labels or name])
         info = dataset_info(name)
         self.classes, self.palette, self.num_classes = info["classes"], info["palette"], info["num_classes"]
@@ -379,8 +417,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
             if self.mode == "train":
                 rng = np.random.default_rng([self.seed, self.epoch, index])
                 image, label = augment_train(image, label, rng, self.crop_size, self.base_size,
-                                             max_rotation=self.max_rotation, cat_max_ratio=self.cat_max_ratio,
-                                             label_classes=self.lut, photometric=self.photometric)
+                                             label_classes=self.lut, **self.augmentation)
             elif self.mode == "center":
                 image, label = center_crop(image.convert("RGB"), label, self.crop_size)
             else:
@@ -423,7 +460,7 @@ def ade20k_samples(root, split):
     for part in split.split("+"):
         folder = {"train": "training", "val": "validation"}.get(part)
         if folder is None:
-            raise ValueError(f"ade20k has splits train, val (or train+val), not {split!r}")
+            raise DataError(f"ade20k has splits train, val (or train+val), not {split!r}")
         image_dir = require_dir(base / "images" / folder, "ade20k", layout)
         label_dir = require_dir(base / "annotations" / folder, "ade20k", layout)
         ids = sorted(f[:-4] for f in os.listdir(image_dir) if f.endswith(".jpg"))
@@ -620,7 +657,7 @@ def coco_samples(root, split):
     """COCO images with more than 1,000 pixels of the 20 VOC categories, with their label sources."""
     root, year = Path(root), {"train": "train2017", "val": "val2017"}.get(split)
     if year is None:
-        raise ValueError(f"coco has splits train, val, not {split!r}")
+        raise DataError(f"coco has splits train, val, not {split!r}")
     layout = "ROOT/{train2017,val2017}/*.jpg and ROOT/annotations/instances_{train,val}2017.json"
     image_dir = require_dir(root / year, "coco", layout)
     annotation_file = root / "annotations" / f"instances_{year}.json"
@@ -681,7 +718,7 @@ def cityscapes_samples(root, split):
     found = []  # (image path, label dir, stem, label files of its city)
     for part in split.split("+"):
         if part not in ("train", "val", "test"):
-            raise ValueError(f"cityscapes has splits train, val, test (or train+val), not {split!r}")
+            raise DataError(f"cityscapes has splits train, val, test (or train+val), not {split!r}")
         image_root = require_dir(base / "leftImg8bit" / part, "cityscapes", layout)
         label_root = require_dir(base / "gtFine" / part, "cityscapes", layout)
         cities = sorted(c for c in os.listdir(image_root) if (image_root / c).is_dir())
@@ -709,34 +746,30 @@ def cityscapes_samples(root, split):
     return samples, "cityscapes_train_ids" if train_ids else "cityscapes"
 
 
-# mmsegmentation's Cityscapes training pipeline (configs/_base_/datasets/cityscapes.py: RandomResize 2048×1024
-# × U(0.5, 2), RandomCrop 512×1024 with cat_max_ratio 0.75, RandomFlip 0.5, PhotoMetricDistortion; no
-# rotation) as get_dataset's options: get_dataset("cityscapes", root, "train", **MMSEG_CITYSCAPES). The flip
-# comes before the crop here, which gives the same distribution; the smallest scale, 1024×512, just covers
-# the crop, so Cityscapes crops are never padded.
-MMSEG_CITYSCAPES = dict(crop_size=(512, 1024), base_size=2048, max_rotation=0.0, cat_max_ratio=0.75,
-                        photometric=True)
-
-
 def get_dataset(name, root, split, crop_size=480, base_size=520, mode=None, seed=0, *, max_rotation=10.0,
-                cat_max_ratio=None, photometric=False):
+                cat_max_ratio=None, photometric=False, scale_rule="long", scale_box=None, blur=False, pad="black"):
     """The Dataset `name` ('context', 'ade20k', 'pascal_voc', 'pascal_aug', 'pcontext', 'coco', 'cityscapes',
     'cifar10').
 
     split: 'train', 'val', or lists joined by '+' ('train+val'); 'train_aug' for pascal_aug; 'test' for
     cityscapes (its gtFine/test labels carry no classes); 'test' = 'val' for cifar10. crop_size: n (n×n) or
     (height, width). mode: 'train' (random augmentation), 'val' (whole image) or 'center'; by default 'val'
-    for the validation/test split, 'train' otherwise. max_rotation (degrees), cat_max_ratio and photometric:
-    the training augmentation's options (see augment_train; MMSEG_CITYSCAPES sets mmsegmentation's); context
+    for the validation/test split, 'train' otherwise. max_rotation (degrees), cat_max_ratio, photometric,
+    scale_rule, scale_box, blur: the training augmentation's options (see augment_train; train_seg.py's recipes
+    set them); pad: the colour of the crop's padding (PAD_COLOURS); context
     and cifar10 have their own fixed augmentation and refuse them.
     """
     mode = mode or ("val" if split in ("val", "test") else "train")
     if mode not in ("train", "val", "center"):
         raise ValueError(f"mode must be 'train', 'val' or 'center', not {mode!r}")
-    options = dict(max_rotation=max_rotation, cat_max_ratio=cat_max_ratio, photometric=photometric)
-    if name in ("context", "cifar10") and options != dict(max_rotation=10.0, cat_max_ratio=None, photometric=False):
-        raise ValueError(f"{name} has its own fixed augmentation: max_rotation, cat_max_ratio and photometric "
-                         "apply to the other datasets")
+    options = dict(max_rotation=max_rotation, cat_max_ratio=cat_max_ratio, photometric=photometric,
+                   scale_rule=scale_rule, scale_box=scale_box, blur=blur, pad=pad)
+    if name in ("context", "cifar10") and options != dict(max_rotation=10.0, cat_max_ratio=None, photometric=False,
+                                                          scale_rule="long", scale_box=None, blur=False, pad="black"):
+        raise UserError(f"{name} has its own fixed augmentation: the augmentation options apply to the other "
+                        "datasets")
+    if scale_rule == "box" and scale_box is None:
+        raise UserError("scale rule 'box' (mmsegmentation's RandomResize) needs a scale box, e.g. 2048x512")
     if name == "context":
         return context_dataset(split, crop_size, base_size, mode, seed)
     if name == "cifar10":
@@ -751,7 +784,7 @@ def get_dataset(name, root, split, crop_size=480, base_size=520, mode=None, seed
     elif name == "cityscapes":
         (samples, labels), read_label = cityscapes_samples(root, split), read_png_label
     else:
-        raise ValueError(f"unknown dataset {name!r}")
+        raise DataError(f"unknown dataset {name!r}")
     return SegmentationDataset(name, samples, read_label, crop_size, base_size, mode, seed, labels, **options)
 
 
@@ -813,7 +846,7 @@ class CIFAR10(torch.utils.data.Dataset):
         base = under(root, "cifar-10-batches-py")
         names = {"train": [f"data_batch_{i}" for i in range(1, 6)], "val": ["test_batch"], "test": ["test_batch"]}
         if split not in names:
-            raise ValueError(f"cifar10 has splits train, val/test, not {split!r}")
+            raise DataError(f"cifar10 has splits train, val/test, not {split!r}")
         images, labels = [], []
         for path in (base / n for n in names[split]):
             if not path.is_file():
@@ -986,7 +1019,7 @@ class ContextDataset(torch.utils.data.Dataset):
     def __init__(self, split, mode, seed=0):
         parts = split.split("+")
         if any(p not in CONTEXT_SIZES for p in parts):
-            raise ValueError(f"context has splits train, val (or train+val), not {split!r}")
+            raise DataError(f"context has splits train, val (or train+val), not {split!r}")
         images, labels = zip(*(context_split(p) for p in parts))
         self.images, self.labels = torch.cat(images), torch.cat(labels)
         self.mode, self.seed, self.epoch = mode, seed, 0
@@ -1007,6 +1040,6 @@ class ContextDataset(torch.utils.data.Dataset):
 
 def context_dataset(split, crop_size, base_size, mode, seed):
     if crop_size != CONTEXT_WIDTH or base_size != CONTEXT_WIDTH:
-        raise ValueError(f"the context images ({CONTEXT_HEIGHT}×{CONTEXT_WIDTH}) are used whole: crop and base size "
+        raise DataError(f"the context images ({CONTEXT_HEIGHT}×{CONTEXT_WIDTH}) are used whole: crop and base size "
                          f"must be {CONTEXT_WIDTH}, not {crop_size} and {base_size}")
     return ContextDataset(split, mode, seed)

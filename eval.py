@@ -5,8 +5,8 @@
     python eval.py --checkpoint encnet_resnet50s_ade --data-root DATA --protocol released
     python eval.py --checkpoint CKPT --images photo.jpg folder/ --out predictions/
 
---checkpoint: a train_seg.py checkpoint, a file of the authors' or of mmsegmentation's EncNet zoo, or a
-zoo name (checkpoints/README.md); classes, palette, crop and base size come with it.
+--checkpoint: anything zoo.load_model reads (a train_seg.py checkpoint, a file of the authors' or of
+mmsegmentation's EncNet zoo, or a zoo name); classes, palette, crop and base size come with it.
 
 Metrics (Sec. 3.1): pixAcc = correct labelled pixels / labelled pixels and IoU_c = TP / (TP + FP + FN),
 both accumulated over the whole split in one confusion matrix (not averaged per image). ADE20K and
@@ -35,27 +35,30 @@ Protocols (--protocol), each the test-time procedure behind a set of published n
             numbers; 1.x's TestTimeAug scales the image itself) and flips, softmax probabilities averaged
             (--protocol mmseg --multi-scale is the same).
 
+Every protocol's prediction is made at the model's scale (one score map per scale and mirror image: a `View`)
+and brought to the image's full resolution in bands of rows (`class_map`), so a 12-megapixel photo never needs
+a full-resolution score map of all classes.
+
 Speed: on a GPU the windows of a scale go through the model 8 at a time, then their mirror images
 (--window-batch); eval-mode BatchNorm and the Encoding layer treat samples independently, so this changes
-probabilities by float rounding only (≤ 6e-6 in float32; ≤ 4e-3 with cuDNN's default TF32 convolutions,
-as between any two TF32 computations) and made EncNet-ResNet50 on a 512² image 1.8-2.1× faster on an H200,
-single- and multi-scale (bench.py --only eval). On CPUs one window at a time was fastest. --amp (bf16
-autocast): on the H200 1.0-1.25× faster still; 98-99% of pixels keep their float32 class with random
-weights, all of them with a small model.
+probabilities by float rounding only. --amp (bf16 autocast, with channels_last on a CPU) where bf16 is native:
+a GPU, or a CPU with AVX512-BF16/AMX; elsewhere it falls back to float32 and says so. bench.py --only eval
+measures both, and what bf16 costs in accuracy.
 
 --images: one colour PNG per image plus an overlay (or with --label-png, label-index PNGs in the dataset's
 encoding: ADE20K/PASCAL-Context class+1, VOC class index, Cityscapes official label ids). Photos are
 turned upright by their EXIF orientation first (dataset images are not: their labels follow the stored
-pixels). Unreadable files are named at the end, after the others are written, and the exit status is 2.
+pixels); 16-bit images are scaled to 8 bits. Outputs never replace an input or an existing file (--overwrite
+allows the latter), and two inputs may not share an output name; unreadable files are named at the end,
+after the others are written, and the exit status is 1.
 """
 import argparse
-import glob
 import json
 import math
 import os
 import time
 from functools import partial
-from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -64,8 +67,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 import data
-import encnet
-from run import HelpFormatter, cpu_has_fast_bf16, fail, setup_distributed, warn
+import zoo
+from run import HelpFormatter, cpu_has_fast_bf16, fail, run_or_exit, setup_distributed, warn
 
 PROTOCOLS = ("repo", "released", "mmseg", "mmseg-ms")
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -77,15 +80,13 @@ RELEASED_SCALES = {"cityscapes": (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25)}
 # pipeline's Resize(keep_ratio=True) box (long, short); MultiScaleFlipAug multiplies it by each img_ratio.
 MMSEG_TEST_BOX = {"ade20k": (2048, 512), "cityscapes": (2048, 1024), "pascal_voc": (2048, 512),
                   "pascal_aug": (2048, 512)}
-# Windows per forward. Measured with EncNet-ResNet50 on 480² windows: on an H200, batches of 8 take 1.9 ms
-# per window against 4.4 ms one at a time; on CPUs (2-core EPYC, 16-core Xeon) batches were 20-45% slower.
+# Windows per forward: batched on GPUs, one at a time on CPUs, which was faster there (bench.py --only eval).
 WINDOW_BATCH = {"cuda": 8, "cpu": 1}
 
 
 def predicted_classes(scores):
     """B×K×H×W scores → B×H×W class indices, the first maximum, as argmax gives. max(1).indices is argmax(1)
-    without its slow strided CPU kernel: 8.1× faster at the built-in data's 6×64×320, 1.66× at ADE20K's
-    150×512×683 (bench.py --only eval, 2 cores of an AMD EPYC, torch 2.13)."""
+    without its slow strided CPU kernel (bench.py --only eval times both)."""
     return scores.max(1).indices
 
 
@@ -130,15 +131,77 @@ class SegMetric:
         return pix_acc, iou.nanmean().item() if (~iou.isnan()).any() else 0.0
 
 
-def per_class_table(metric, classes, absent_as_zero=False):
-    """The per-class IoU table as text, for the console and OUT/per_class_iou_*.txt."""
+def per_class_table(metric, classes, absent_as_zero=False, header=None):
+    """The per-class IoU table as text (IoU, pixAcc and mIoU in %), for the console and the per_class_iou files.
+    header: what was evaluated (checkpoint, data, split, protocol), the table's first line."""
     pix_acc, miou = metric.pixacc_miou(absent_as_zero)
-    rows = [f"{'class':<24} {'IoU':>7}"]
+    mean_over = "all classes, absent ones as 0" if absent_as_zero else "the classes in labels or predictions"
+    rows = [f"# {header}" if header else "# per-class IoU", f"# in %, over the whole split; mIoU over {mean_over}",
+            f"{'class':<24} {'IoU %':>7}"]
     for name, iou in zip(classes, metric.iou().tolist()):
         # NaN: the class is in neither the labels nor the predictions
         rows.append(f"{name:<24} {'absent' if iou != iou else f'{100 * iou:6.2f}':>7}")
-    rows.append(f"{'pixAcc / mIoU':<24} {100 * pix_acc:6.2f} / {100 * miou:.2f}")
+    rows.append(f"{'pixAcc / mIoU %':<24} {100 * pix_acc:6.2f} / {100 * miou:.2f}")
     return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- from the model's scale to the image's
+
+class View(NamedTuple):
+    """One prediction of a protocol at the model's scale (one scale, or its mirror image): its contribution to
+    the image's scores is weight · f(bilinear(scores → image size)), f = softmax over classes or identity."""
+    scores: torch.Tensor  # 1×K×h×w, float32
+    align_corners: bool
+    softmax: bool
+    weight: float = 1.0
+
+
+def source_rows(out_rows, in_size, out_size, align_corners):
+    """Bilinear interpolation along one axis as F.interpolate computes it: for output indices `out_rows` (a
+    1-D tensor) → (lower source index, upper source index, weight of the upper one)."""
+    y = out_rows.double()
+    if align_corners:
+        src = y * ((in_size - 1) / (out_size - 1) if out_size > 1 else 0.0)
+    else:
+        src = ((y + 0.5) * (in_size / out_size) - 0.5).clamp_min(0)
+    low = src.floor().long().clamp_max(in_size - 1)
+    return low, (low + 1).clamp_max(in_size - 1), (src - low).float()
+
+
+def view_rows(view, size, rows):
+    """Rows `rows` (a range) of the view's contribution at the image size (H, W) → 1×K×len(rows)×W: bilinear
+    along the height by hand for these rows only, then F.interpolate along the width."""
+    scores = view.scores
+    low, high, upper = source_rows(torch.arange(rows.start, rows.stop), scores.shape[2], size[0], view.align_corners)
+    upper = upper.to(scores.device).view(1, 1, -1, 1)
+    band = scores[:, :, low] * (1 - upper) + scores[:, :, high] * upper  # 1×K×rows×w
+    band = F.interpolate(band, (len(rows), size[1]), mode="bilinear", align_corners=view.align_corners)
+    return view.weight * (band.softmax(1) if view.softmax else band)
+
+
+def full_scores(views, size):
+    """The image's scores at full resolution, 1×K×H×W: Σ over views (for tests and small images)."""
+    total = 0
+    for view in views:
+        up = F.interpolate(view.scores, size, mode="bilinear", align_corners=view.align_corners)
+        total = total + view.weight * (up.softmax(1) if view.softmax else up)
+    return total
+
+
+def class_map(views, size, band_bytes=64 << 20):
+    """The image's H×W class indices: argmax of full_scores(views, size), computed a band of rows at a time, so
+    that memory stays at K × band × W floats (band_bytes) however large the image. The same classes as
+    full_scores up to float rounding (the two interpolations round in another order): a pixel whose two best
+    classes are within rounding of each other may differ."""
+    height, width = size
+    classes, device = views[0].scores.shape[1], views[0].scores.device
+    band = max(1, band_bytes // (4 * classes * width))
+    out = torch.empty(height, width, dtype=torch.int64, device=device)
+    for start in range(0, height, band):
+        rows = range(start, min(start + band, height))
+        total = sum(view_rows(view, size, rows) for view in views)
+        out[rows.start:rows.stop] = predicted_classes(total)[0]
+    return out
 
 
 # ----------------------------------------------------------------------------- protocol 'repo'
@@ -196,21 +259,26 @@ def repo_fusion(logits, mirrored):
     return logits if mirrored is None else (logits + mirrored) / 2
 
 
-def predict(model, image, crop_size, base_size, scales=(1.0,), flip=False, amp=False, window_batch=None):
-    """Protocol 'repo': class probabilities of one image (1×3×H×W normalised) at its resolution → 1×K×H×W.
-
-    Each scale resizes the long side to scale·base_size; probabilities are averaged over scales."""
+def repo_views(model, image, crop_size, base_size, scales=(1.0,), flip=False, amp=False, window_batch=None):
+    """Protocol 'repo' for one image (1×3×H×W normalised): each scale resizes the long side to scale·base_size;
+    the windows' logits there (with flip: averaged with their mirror images'), whose softmax at the image's
+    size is averaged over the scales. → [View]"""
     _, _, h, w = image.shape
-    probs = 0
+    views = []
     with torch.inference_mode(), torch.autocast(image.device.type, torch.bfloat16, enabled=amp):
         for scale in scales:
             long_side = int(base_size * scale + 0.5)
             size = (long_side, int(w * long_side / h + 0.5)) if h >= w else (int(h * long_side / w + 0.5), long_side)
             resized = F.interpolate(image, size, mode="bilinear", align_corners=False)
             logits = sliding_window_logits(model, resized, crop_size, flip, window_batch)
-            logits = F.interpolate(logits, (h, w), mode="bilinear", align_corners=False)
-            probs = probs + logits.softmax(1) / len(scales)
-    return probs
+            views.append(View(logits, False, True, 1 / len(scales)))
+    return views
+
+
+def predict(model, image, crop_size, base_size, scales=(1.0,), flip=False, amp=False, window_batch=None):
+    """Protocol 'repo': class probabilities of one image (1×3×H×W normalised) at its resolution → 1×K×H×W."""
+    views = repo_views(model, image, crop_size, base_size, scales, flip, amp, window_batch)
+    return full_scores(views, image.shape[-2:])
 
 
 # ----------------------------------------------------------------------------- protocol 'released'
@@ -249,12 +317,13 @@ def released_fusion(logits, mirrored):
     return (logits if mirrored is None else logits + mirrored).exp()
 
 
-def predict_released(model, image, crop_size, base_size, scales=MULTI_SCALES, flip=True, amp=False,
-                     window_batch=None):
-    """Protocol 'released': the scores of base.py MultiEvalModule.forward for one normalised image,
-    1×3×H×W → 1×K×H×W (their argmax is the prediction; they are sums of exp(logits), not probabilities)."""
+def released_views(model, image, crop_size, base_size, scales=MULTI_SCALES, flip=True, amp=False,
+                   window_batch=None):
+    """Protocol 'released', base.py MultiEvalModule.forward for one normalised image 1×3×H×W: per scale the
+    windows' scores exp(logits + mirrored logits), summed at the original resolution (their argmax is the
+    prediction; they are sums of exp(logits), not probabilities). → [View]"""
     _, _, h, w = image.shape
-    scores = 0
+    views = []
     with torch.inference_mode(), torch.autocast(image.device.type, torch.bfloat16, enabled=amp):
         for scale in scales:
             height, width = released_size(h, w, base_size, scale)
@@ -265,9 +334,15 @@ def predict_released(model, image, crop_size, base_size, scales=MULTI_SCALES, fl
             boxes = released_windows(ph, pw, crop_size)
             windows = torch.cat([released_pad(padded[:, :, y0:y1, x0:x1], crop_size) for y0, y1, x0, x1 in boxes])
             outputs = stitch_windows(model, windows, boxes, ph, pw, flip, released_fusion, window_batch)
-            outputs = outputs[:, :, :height, :width]
-            scores = scores + F.interpolate(outputs, (h, w), mode="bilinear", align_corners=True)
-    return scores
+            views.append(View(outputs[:, :, :height, :width], True, False))
+    return views
+
+
+def predict_released(model, image, crop_size, base_size, scales=MULTI_SCALES, flip=True, amp=False,
+                     window_batch=None):
+    """Protocol 'released': the scores of one normalised image, 1×3×H×W → 1×K×H×W."""
+    views = released_views(model, image, crop_size, base_size, scales, flip, amp, window_batch)
+    return full_scores(views, image.shape[-2:])
 
 
 # ----------------------------------------------------------------------------- protocols 'mmseg', 'mmseg-ms'
@@ -287,56 +362,57 @@ def to_pixel_levels(image):
     return ((image * std + mean).round().clamp(0, 255) - mean) / std
 
 
-def predict_mmseg(model, image, box, ratios=(1.0,), flip=False, amp=False):
+def mmseg_views(model, image, box, ratios=(1.0,), flip=False, amp=False):
     """Protocols 'mmseg' / 'mmseg-ms' (mmseg/models/segmentors/encoder_decoder.py whole_inference, inference,
-    aug_test; 0.x MultiScaleFlipAug: box·ratio): softmax probabilities averaged over the ratios and flips,
-    1×3×H×W normalised → 1×K×H×W."""
+    aug_test; 0.x MultiScaleFlipAug: box·ratio): softmax probabilities averaged over the ratios and flips
+    (a mirrored view's logits are flipped back first: bilinear resizing commutes with the flip). → [View]"""
     _, _, h, w = image.shape
-    probs, views = 0, 0
+    views = []
     with torch.inference_mode(), torch.autocast(image.device.type, torch.bfloat16, enabled=amp):
         for ratio in ratios:
             size = mmseg_size(h, w, (int(box[0] * ratio), int(box[1] * ratio)))
             resized = image if size == (h, w) else \
                 to_pixel_levels(F.interpolate(image, size, mode="bilinear", align_corners=False))
-            for mirror in (False, True) if flip else (False,):  # a flipped view's probabilities are flipped back
+            for mirror in (False, True) if flip else (False,):
                 logits = model(resized.flip(-1) if mirror else resized).float()
-                view_probs = F.interpolate(logits, (h, w), mode="bilinear", align_corners=False).softmax(1)
-                probs, views = probs + (view_probs.flip(-1) if mirror else view_probs), views + 1
-    return probs / views
+                views.append(View(logits.flip(-1) if mirror else logits, False, True))
+    return [view._replace(weight=1 / len(views)) for view in views]
+
+
+def predict_mmseg(model, image, box, ratios=(1.0,), flip=False, amp=False):
+    """Protocols 'mmseg' / 'mmseg-ms': class probabilities of one normalised image, 1×3×H×W → 1×K×H×W."""
+    return full_scores(mmseg_views(model, image, box, ratios, flip, amp), image.shape[-2:])
 
 
 def make_predictor(protocol, crop_size, base_size, dataset, amp=False, window_batch=None):
-    """→ fn(model, image 1×3×H×W normalised) → 1×K×H×W scores whose argmax is the protocol's prediction.
+    """→ fn(model, image 1×3×H×W normalised) → [View] whose class_map is the protocol's prediction.
     protocol: 'repo', 'repo-ms', 'released', 'mmseg', 'mmseg-ms'; dataset: the name the scales depend on."""
     if protocol in ("repo", "repo-ms"):
         scales, flip = (MULTI_SCALES, True) if protocol == "repo-ms" else ((1.0,), False)
-        return partial(predict, crop_size=crop_size, base_size=base_size, scales=scales, flip=flip, amp=amp,
+        return partial(repo_views, crop_size=crop_size, base_size=base_size, scales=scales, flip=flip, amp=amp,
                        window_batch=window_batch)
     if protocol == "released":
-        return partial(predict_released, crop_size=crop_size, base_size=base_size, amp=amp,
+        return partial(released_views, crop_size=crop_size, base_size=base_size, amp=amp,
                        scales=RELEASED_SCALES.get(dataset, MULTI_SCALES), window_batch=window_batch)
     if dataset not in MMSEG_TEST_BOX:
-        raise ValueError(f"--protocol {protocol}: mmsegmentation has no EncNet test setting for {dataset!r} "
-                         f"(known: {', '.join(MMSEG_TEST_BOX)})")
+        raise data.UserError(f"--protocol {protocol}: mmsegmentation has no EncNet test setting for {dataset!r} "
+                             f"(known: {', '.join(MMSEG_TEST_BOX)})")
     multi = protocol == "mmseg-ms"
-    return partial(predict_mmseg, box=MMSEG_TEST_BOX[dataset], ratios=MULTI_SCALES if multi else (1.0,),
+    return partial(mmseg_views, box=MMSEG_TEST_BOX[dataset], ratios=MULTI_SCALES if multi else (1.0,),
                    flip=multi, amp=amp)
 
 
-def evaluate(model, dataset, indices, device, crop_size, base_size, scales=(1.0,), flip=False, amp=False,
-             predictor=None, log_every=0):
+def evaluate(model, dataset, indices, device, predictor, log_every=0):
     """Whole-image evaluation of dataset[i] for i in indices → SegMetric (not yet all-reduced).
-    predictor: from make_predictor (default: protocol 'repo' with these scales and flip). log_every > 0:
-    a progress line every log_every seconds (images done, images/s, ETA)."""
-    predictor = predictor or partial(predict, crop_size=crop_size, base_size=base_size, scales=scales, flip=flip,
-                                     amp=amp)
+    predictor: from make_predictor. log_every > 0: a progress line every log_every seconds (images done,
+    images/s, ETA)."""
     model.eval()
     metric = SegMetric(dataset.num_classes)
     start = last = time.time()
     for done, i in enumerate(indices, 1):
         image, label = dataset[i]
-        scores = predictor(model, data.normalize(image[None].to(device)))
-        metric.update(predicted_classes(scores)[0].cpu(), label)
+        views = predictor(model, data.normalize(image[None].to(device)))
+        metric.update(class_map(views, label.shape).cpu(), label)
         now = time.time()
         if log_every > 0 and (now - last >= log_every or done == len(indices)):
             last, rate = now, done / max(now - start, 1e-9)
@@ -361,8 +437,7 @@ def label_png(pred, dataset):
     if dataset in ("ade20k", "pcontext"):
         return Image.fromarray(pred + 1, mode="L")
     if dataset == "cityscapes":
-        table = json.loads(Path(data.__file__).with_name("classes.json").read_text())
-        return Image.fromarray(np.asarray(table["cityscapes"]["label_ids"], np.uint8)[pred], mode="L")
+        return Image.fromarray(data.train_ids_to_label_ids(pred), mode="L")
     image = Image.fromarray(pred, mode="P")
     image.putpalette([c for rgb in data.dataset_info("pascal_voc")["palette"] for c in rgb])
     return image
@@ -372,60 +447,116 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def list_images(paths):
-    """Files as given, folders expanded to the images they hold; a folder without images is an error."""
-    files = []
+    """Files as given, folders expanded to the images directly in them (not their subfolders).
+    → (files, what was skipped in the folders, in words: '' when nothing)."""
+    files, other_files, subfolders = [], [], []
     for path in paths:
         if os.path.isdir(path):
-            found = sorted(f for f in glob.glob(os.path.join(path, "*"))
-                           if os.path.isfile(f) and f.lower().endswith(IMAGE_SUFFIXES))
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+            found = [e.path for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)]
+            other_files += [e.name for e in entries if e.is_file() and not e.name.lower().endswith(IMAGE_SUFFIXES)]
+            subfolders += [e.name for e in entries if e.is_dir()]
             if not found:
                 raise data.DataError(f"--images {path}: the folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
             files += found
         elif os.path.isfile(path):
             files.append(path)
         else:
-            raise FileNotFoundError(f"--images {path}: no such file or folder")
-    return files
+            raise data.DataError(f"--images {path}: no such file or folder")
+    skipped = []
+    if other_files:
+        skipped.append(f"{len(other_files)} files of other types ({', '.join(other_files[:3])}"
+                       f"{', …' if len(other_files) > 3 else ''})")
+    if subfolders:
+        skipped.append(f"{len(subfolders)} subfolders ({', '.join(subfolders[:3])}{', …' if len(subfolders) > 3 else ''})")
+    return files, " and ".join(skipped)
+
+
+def image_outputs(files, out_dir, label_pngs, overwrite=False):
+    """The files --images writes for each input, checked before any work → [(input, colour or label PNG,
+    overlay or None)]. Refused, naming the files: an output that is an input (or --out an input folder), two
+    inputs with one output name (x.jpg and x.png, a/x.jpg and b/x.jpg), an existing file without --overwrite."""
+    inputs = {os.path.realpath(f) for f in files}
+    folders = {os.path.dirname(f) for f in inputs}
+    if os.path.realpath(out_dir) in folders:
+        raise data.UserError(f"--out {out_dir} is a folder of the input images: the predictions would mix with "
+                             f"(and could replace) them; choose another --out")
+    plan, owner = [], {}
+    for path in files:
+        stem = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0])
+        outputs = (f"{stem}.png", None if label_pngs else f"{stem}_overlay.jpg")
+        for out in filter(None, outputs):
+            if out in owner:
+                raise data.UserError(f"{owner[out]} and {path} would both be written to {out}: rename one, or "
+                                     f"segment them into different --out folders")
+            owner[out] = path
+            if os.path.realpath(out) in inputs:
+                raise data.UserError(f"{out} would replace the input image {out}; choose another --out")
+        plan.append((path, *outputs))
+    existing = [out for out in owner if os.path.exists(out)]
+    if existing and not overwrite:
+        raise data.UserError(f"{len(existing)} output files exist already ({', '.join(existing[:3])}"
+                             f"{', …' if len(existing) > 3 else ''}); nothing was written. Choose another --out, or "
+                             f"--overwrite to replace them")
+    return plan
 
 
 def read_photo(path):
-    """An RGB photo, turned upright by its EXIF orientation (cameras store the sensor's pixels and a tag)."""
+    """An RGB photo (PIL), turned upright by its EXIF orientation (cameras store the sensor's pixels and a
+    tag). 16-bit images are scaled to 8 bits (Pillow's own conversion would clip them to white); images of
+    32-bit integers or floats have no photo's range and are refused."""
     try:
         with Image.open(path) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
+            image = ImageOps.exif_transpose(image)
+            if image.mode.startswith("I;16"):
+                image = Image.fromarray((np.asarray(image, np.uint16) >> 8).astype(np.uint8), mode="L")
+            elif image.mode in ("I", "F"):
+                raise data.DataError(f"{path}: a {'32-bit integer' if image.mode == 'I' else 'floating-point'} "
+                                     f"image, not a photo of 8 or 16 bits per channel: convert it first")
+            return image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise data.DataError(f"{path} ({e})") from None
 
 
-def segment_images(model, files, out_dir, palette, device, predictor, dataset_name, label_pngs=False):
-    """One colour PNG per image (or a label-index PNG with label_pngs) at the input's size, plus an overlay
-    on the photograph. → the files that could not be read, each with its reason (the others are written)."""
-    os.makedirs(out_dir, exist_ok=True)
+def segment_images(model, plan, palette, device, predictor, dataset_name, log_every=10.0):
+    """One colour PNG per image (or a label-index PNG) at the input's size, plus an overlay on the photograph,
+    as image_outputs planned them; a progress line per image. → the files that could not be read, each with
+    its reason (the others are written)."""
     palette = torch.tensor(palette, dtype=torch.uint8)
-    unreadable = []
-    for path in files:
+    unreadable, start = [], time.time()
+    for done, (path, out, overlay) in enumerate(plan, 1):
         try:
             photo = read_photo(path)
         except data.DataError as e:
             unreadable.append(str(e))
             continue
+        if time.time() - start > log_every:
+            print(f"[{done}/{len(plan)}] {path} ({photo.width}×{photo.height}) ...", flush=True)
         image = torch.from_numpy(np.asarray(photo).copy()).permute(2, 0, 1)
-        pred = predicted_classes(predictor(model, data.normalize(image[None].to(device))))[0].cpu()
-        stem = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0])
-        if label_pngs:
-            label_png(pred, dataset_name).save(f"{stem}.png")
+        pred = class_map(predictor(model, data.normalize(image[None].to(device))), image.shape[-2:]).cpu()
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        if overlay is None:
+            label_png(pred, dataset_name).save(out)
         else:
             colour = Image.fromarray(colorize(pred, palette).permute(1, 2, 0).numpy())
-            colour.save(f"{stem}.png")
-            Image.blend(photo, colour, 0.5).save(f"{stem}_overlay.jpg")
-        print(f"{path} → {stem}.png", flush=True)
+            colour.save(out)
+            Image.blend(photo, colour, 0.5).save(overlay)
+        rate = done / (time.time() - start)
+        print(f"[{done}/{len(plan)}] {path} → {out} | eta {(len(plan) - done) / rate:.0f} s", flush=True)
     return unreadable
 
 
 # ----------------------------------------------------------------------------- command line
 
+def positive(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be positive")
+    return value
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--checkpoint", required=True,
                    help="a train_seg.py checkpoint, a zoo file (authors' or mmsegmentation's) or a zoo name")
     p.add_argument("--data", help="dataset to evaluate on (default: the model's)")
@@ -436,88 +567,106 @@ def parse_args(argv):
                         "multi-scale code), mmseg / mmseg-ms (mmsegmentation's); see above")
     p.add_argument("--multi-scale", action="store_true",
                    help="repo: scales 0.5–1.75 with flips, probabilities averaged; mmseg: = mmseg-ms")
-    p.add_argument("--crop-size", type=int, help="window size (default: the model's)")
-    p.add_argument("--base-size", type=int, help="long side at scale 1 (default: the model's)")
+    p.add_argument("--crop-size", type=positive, help="window size (default: the model's)")
+    p.add_argument("--base-size", type=positive, help="long side at scale 1 (default: the model's)")
     p.add_argument("--images", nargs="+", help="segment these image files or folders instead")
     p.add_argument("--label-png", action="store_true",
                    help="with --images: write label-index PNGs in the dataset's encoding (for test servers)")
-    p.add_argument("--out", default="predictions", help="folder for --images output and the IoU table")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (a GPU switch)")
-    p.add_argument("--window-batch", type=int, help="windows per forward (default: 8 on a GPU, 1 on a CPU)")
+    p.add_argument("--out", default="predictions", help="folder for --images output, the IoU table and results")
+    p.add_argument("--overwrite", action="store_true", help="with --images: replace existing output files")
+    p.add_argument("--amp", action="store_true",
+                   help="bf16 autocast for speed where bf16 is native (GPUs; CPUs with AVX512-BF16 or AMX, there "
+                        "with channels_last); elsewhere float32, with a warning")
+    p.add_argument("--window-batch", type=positive, help="windows per forward (default: 8 on a GPU, 1 on a CPU)")
     p.add_argument("--log-every", type=float, default=10.0,
                    help="seconds between progress lines (of rank 0's share of the images)")
     args = p.parse_args(argv)
     args.protocol = {"repo": "repo-ms", "mmseg": "mmseg-ms"}.get(args.protocol, args.protocol) \
         if args.multi_scale else args.protocol
+    if args.label_png and not args.images:
+        fail("--label-png applies to --images (it writes their predictions as label-index PNGs)")
+    if args.overwrite and not args.images:
+        fail("--overwrite applies to --images (evaluation only replaces its own per_class_iou and results files)")
+    if args.images and (args.data_root or args.split != "val"):
+        fail("--data-root and --split choose a dataset split to evaluate; --images segments the files given instead")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        fail(f"--out {args.out} is a file; it must be a folder (made if missing)")
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        model, info = encnet.load_model(args.checkpoint)
-    except (ValueError, FileNotFoundError, encnet.DownloadError) as e:
-        fail(str(e))
+def use_amp(amp, device):
+    """--amp where bf16 is native; a CPU without AVX512-BF16/AMX would emulate it, many times slower: float32."""
+    if amp and device.type == "cpu" and not cpu_has_fast_bf16():
+        warn("--amp: this CPU has no native bf16 (AVX512-BF16/AMX), where bf16 is emulated and many times slower; "
+             "evaluating in float32")
+        return False
+    return amp
+
+
+def run_eval(args):
+    model, info = zoo.load_model(args.checkpoint)
     name = args.data or info["dataset"]
     if name is None:
         fail(f"{args.checkpoint}: no known dataset has its {len(info['classes'])} classes; name one with --data")
     if name == "context" and args.protocol not in ("repo", "mmseg"):
         what = "--multi-scale" if args.multi_scale else f"--protocol {args.protocol}"
-        fail(f"{what} does not apply to the built-in context data: its models "
-             f"see its 64×320 images at one scale only (no scale augmentation), so other scales are inputs "
-             f"they never learnt (measured mIoU 60.4 multi-scale vs 85.6 single-scale)")
+        fail(f"{what} does not apply to the built-in context data: its models see its images at one scale only "
+             f"(no scale augmentation), so other scales are inputs they never learnt")
     crop_size, base_size = args.crop_size or info["crop_size"], args.base_size or info["base_size"]
-    try:
-        predictor = make_predictor(args.protocol, crop_size, base_size, name, args.amp, args.window_batch)
-    except ValueError as e:
-        fail(str(e))
     rank, world, device = setup_distributed()
-    model.to(device).eval()  # (channels_last measured no faster: on the H200 slower in fp32, equal in bf16)
-    if args.amp and device.type == "cpu" and not cpu_has_fast_bf16():
-        warn("--amp on a CPU without native bf16: emulated, many times slower than float32")
+    amp = use_amp(args.amp, device)
+    predictor = make_predictor(args.protocol, crop_size, base_size, name, amp, args.window_batch)
+    model.to(device).eval()
+    if amp and device.type == "cpu":  # oneDNN's bf16 convolutions want NHWC
+        model.to(memory_format=torch.channels_last)
 
     if args.images:
         if rank == 0:
-            try:
-                files = list_images(args.images)
-            except (FileNotFoundError, data.DataError) as e:
-                fail(str(e))
-            unreadable = segment_images(model, files, args.out, info["palette"], device, predictor, name,
-                                        args.label_png)
+            files, skipped = list_images(args.images)
+            plan = image_outputs(files, args.out, args.label_png, args.overwrite)
+            print(f"{len(files)} images → {args.out}" + (f" (skipped {skipped})" if skipped else ""), flush=True)
+            unreadable = segment_images(model, plan, info["palette"], device, predictor, name, args.log_every)
             if unreadable:
-                fail(f"{len(unreadable)} of {len(files)} images could not be read: {'; '.join(unreadable)}")
+                raise data.DataError(f"{len(unreadable)} of {len(files)} images could not be read: "
+                                     f"{'; '.join(unreadable)}")
         return
-    try:
-        dataset = data.get_dataset(name, args.data_root or info.get("data_root"), args.split, crop_size,
-                                   base_size, mode="val")
-    except (data.DataError, ValueError) as e:
-        fail(str(e))
+    dataset = data.get_dataset(name, args.data_root or info.get("data_root"), args.split, crop_size, base_size,
+                               mode="val")
     if dataset.num_classes != len(info["classes"]):
         fail(f"{args.checkpoint} predicts {len(info['classes'])} classes, {name} has {dataset.num_classes}")
-    try:
-        metric = evaluate(model, dataset, data.shard_indices(len(dataset), rank, world), device, crop_size,
-                          base_size, predictor=predictor, log_every=args.log_every if rank == 0 else 0)
-    except data.DataError as e:
-        fail(str(e))
+    metric = evaluate(model, dataset, data.shard_indices(len(dataset), rank, world), device, predictor,
+                      log_every=args.log_every if rank == 0 else 0)
     metric.all_reduce()
     if rank == 0:
-        report(metric, dataset.classes, name, args.split, args.protocol, args.out)
+        report(metric, dataset.classes, name, args.split, args.protocol, args.out, args.checkpoint,
+               "bf16" if amp else "float32")
 
 
-def report(metric, classes, name, split, protocol, out):
-    """Print the table and the scores; write the table to OUT/per_class_iou_{data}_{split}_{protocol}.txt."""
+def report(metric, classes, name, split, protocol, out, checkpoint="", dtype="float32"):
+    """Print the table and the scores; write the table to OUT/per_class_iou_{data}_{split}_{protocol}.txt and
+    the scores to OUT/results_{data}_{split}_{protocol}.json (fractions, as train_seg.py's results.json)."""
     released = protocol == "released"
     pix_acc, miou = metric.pixacc_miou(absent_as_zero=released)
-    table = per_class_table(metric, classes, absent_as_zero=released)
+    table = per_class_table(metric, classes, released, f"{checkpoint} on {name} {split}, protocol {protocol}, {dtype}")
     print(table)
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"per_class_iou_{name}_{split}_{protocol}.txt"), "w") as f:
+    stem = f"{name}_{split}_{protocol}"
+    with open(os.path.join(out, f"per_class_iou_{stem}.txt"), "w") as f:
         f.write(table + "\n")
+    results = {"pixAcc": pix_acc, "mIoU": miou, "data": name, "split": split, "protocol": protocol,
+               "checkpoint": str(checkpoint), "dtype": dtype}
     if name == "pcontext" and not protocol.startswith("mmseg"):  # Table 2's figure, derived as the authors do
-        print(f"mIoU with background as a 60th class (59/60 · mIoU): {100 * miou * 59 / 60:.2f}")
+        results["mIoU60"] = miou * 59 / 60
+        print(f"mIoU with background as a 60th class (59/60 · mIoU): {100 * miou * 59 / 60:.2f} %")
+    with open(os.path.join(out, f"results_{stem}.json"), "w") as f:
+        json.dump(results, f)
     multi = " multi-scale" if protocol in ("repo-ms", "released", "mmseg-ms") else ""
     print(f"{name} {split}{multi}{'' if protocol.startswith('repo') else f' ({protocol} protocol)'}: "
-          f"pixAcc {pix_acc:.4f} mIoU {miou:.4f}")
+          f"pixAcc {100 * pix_acc:.2f} % mIoU {100 * miou:.2f} % → {out}/results_{stem}.json")
+
+
+def main(argv=None):
+    run_or_exit(lambda: run_eval(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ A single file that imports nothing but torch: copy it into your project.
     Encoding             Eq. 1: soft-assign N features to K codewords, aggregate the residuals  B×C×H×W → B×K×C
     EncodingDrop         Encoding whose smoothing factors are redrawn every training step (Sec. 3.5)
     EncModule            the Context Encoding Module of Fig. 2: featuremap attention γ and SE-loss logits
+    semantic_encoder, encoded_semantics   its Encoding → BN → ReLU → mean path (also the stage-3 module's)
     se_targets           ground truth of the Semantic Encoding loss: which classes each image contains
     encode_materialised  Eq. 1 as written, B×N×K×C: the reference of the tests and benchmarks
 
@@ -169,28 +170,38 @@ class EncModule(nn.Module):
         self.residual = residual
         self.reduce = nn.Sequential(
             nn.Conv2d(channels, channels, 1, bias=False), norm_layer(channels), nn.ReLU(inplace=True))
-        if num_codes > 0:
-            # BatchNorm over the codeword axis (input B×K×C); a SyncBatchNorm handles any rank.
-            norm_1d = nn.BatchNorm1d if norm_layer is nn.BatchNorm2d else norm_layer
-            self.encoding = nn.Sequential(
-                Encoding(channels, num_codes), norm_1d(num_codes), nn.ReLU(inplace=True))
-        else:
-            self.encoding = None
+        # BatchNorm over the codeword axis (input B×K×C); a SyncBatchNorm handles any rank.
+        self.encoding = semantic_encoder(channels, num_codes, nn.BatchNorm1d if norm_layer is nn.BatchNorm2d
+                                         else norm_layer)
         self.attention = nn.Linear(channels, channels)
         self.se_classifier = nn.Linear(channels, num_classes) if se_loss else None
 
     def forward(self, x):  # B×C×H×W → (B×C×H×W, B×num_classes or None)
-        features = self.reduce(x)
-        if self.encoding is not None:
-            semantics = self.encoding(features).mean(1)  # B×K×C → B×C
-        else:
-            semantics = features.mean((2, 3))
+        semantics = encoded_semantics(self.encoding, self.reduce(x))  # B×C
         gamma = torch.sigmoid(self.attention(semantics))  # B×C
         y = x * gamma[:, :, None, None]
         if self.residual:
             y = F.relu(x + y)
         se_logits = self.se_classifier(semantics) if self.se_classifier is not None else None
         return y, se_logits
+
+
+def semantic_encoder(channels, num_codes, norm_1d=nn.BatchNorm1d):
+    """Encoding (K codewords) → BN over the K encoders → ReLU: B×C×H×W → B×K×C, as in Fig. 2.
+    None for num_codes = 0, where global average pooling takes its place (Fig. 5's K = 0)."""
+    if num_codes < 0:
+        raise ValueError(f"num_codes must be ≥ 0 (0: global average pooling), not {num_codes}")
+    if num_codes == 0:
+        return None
+    return nn.Sequential(Encoding(channels, num_codes), norm_1d(num_codes), nn.ReLU(inplace=True))
+
+
+def encoded_semantics(encoder, features):
+    """The encoded semantics e of Fig. 2: the encoders averaged over the K codewords (B×K×C → B×C);
+    with no encoder (K = 0), the features averaged over the image (B×C×H×W → B×C)."""
+    if encoder is None:
+        return features.mean((2, 3))
+    return encoder(features).mean(1)
 
 
 def se_targets(labels, num_classes, ignore_index=-1):

@@ -1,17 +1,17 @@
-"""One training run under torchrun: the plumbing that train_seg.py and train_cifar.py share.
+"""The plumbing of a training run under torchrun, shared by train_seg.py and train_cifar.py.
 
     add_run_arguments   the run flags (--out, --resume, --save-every, --log-every, --amp, ...)
     check_run_args      what can be checked before any work, each a one-line error (`fail`)
+    continue_run        --resume: the run's settings from its checkpoint, explicit flags checked against them
     setup_distributed   process group (NCCL on GPUs, gloo on CPU) with a store fresh for every restart
     distribute          SyncBatchNorm, device, memory format, DDP and torch.compile around a model
-    save_checkpoint     atomic write; load_checkpoint: weights_only, never someone else's code
-    Schedule            iterations per epoch, total iterations, checkpoint interval
-    StepStats           the per-step numbers, kept on the device and read every few iterations
-    StopRequest         Ctrl-C / SIGTERM: checkpoint at the current iteration, then exit
+    save_checkpoint     atomic write (zoo.read_checkpoint reads every checkpoint)
+    Schedule, batches   iterations per epoch and in all; the batches of the run, epoch after epoch, from any iteration
+    Bookkeeping         after every step: the host sync every 10 steps, logs, divergence, checkpoints, Ctrl-C/SIGTERM
     loader_worker_signals  the loader's workers leave Ctrl-C and a scheduler's SIGTERM to the training process
-    run_or_exit         the failures a user can fix end with one line, not a traceback
+    run_or_exit         a data.UserError ends with its one line; any other exception is a bug and keeps its traceback
 
-Imports torch and syncbn only: nothing here knows about datasets or models.
+Imports torch, syncbn and data's UserError only: nothing here knows about models.
 """
 import argparse
 import math
@@ -26,7 +26,9 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
+from data import UserError
 from syncbn import convert_sync_batchnorm
 
 
@@ -77,11 +79,16 @@ def cpu_has_fast_bf16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+class FlagError(UserError):
+    """A flag or a combination of flags that cannot work: found before any work, reported once (by rank 0),
+    exit status 2 as argparse's own errors."""
+    exit_status = 2
+    all_ranks = False
+
+
 def fail(message):
-    """Stop before any work with one clear message (rank 0 prints it), no traceback."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    """Stop before any work with one clear message, no traceback (see run_or_exit)."""
+    raise FlagError(message)
 
 
 def warn(message):
@@ -92,21 +99,25 @@ def warn(message):
 def check_run_args(args):
     """The run flags, checked before any work: each problem is one line, and nothing is created."""
     world = int(os.environ.get("WORLD_SIZE", 1))
+    for flag in ("epochs", "max_iters", "save_every", "batch_size", "val_every"):
+        value = getattr(args, flag, None)
+        if value is not None and value <= 0 and not (flag == "val_every" and value == 0):
+            fail(f"--{flag.replace('_', '-')} {value}: must be positive")
+    if args.workers is not None and args.workers < 0:
+        fail(f"--workers {args.workers}: must be 0 (load in the training process) or more")
     if args.batch_size % world:
         fail(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
-    for flag in ("epochs", "max_iters", "save_every", "batch_size"):
-        value = getattr(args, flag, None)
-        if value is not None and value <= 0:
-            fail(f"--{flag.replace('_', '-')} {value}: must be positive")
-    check_output_dir(args.out)
+    check_output_dir(args)
     if args.amp and not torch.cuda.is_available() and not cpu_has_fast_bf16():
         warn("--amp on a CPU without native bf16 (AVX512-BF16/AMX): bf16 is emulated there and "
-             "runs many times slower than float32 (15× measured on an AVX2 CPU); leave --amp off on this machine")
-    resolve_resume(args)
+             "runs many times slower than float32; leave --amp off on this machine")
 
 
-def check_output_dir(path):
-    """--out must be creatable and writable; it is created later, once the data and weights are there."""
+def check_output_dir(args):
+    """--out must be creatable and writable, and must not hold another run unless it is continued (--resume):
+    a forgotten --resume would overwrite the checkpoint and mix TensorBoard logs. Nothing is created here;
+    --out is made later, once the data and weights are in place."""
+    path = args.out
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -114,17 +125,61 @@ def check_output_dir(path):
         fail(f"--out {path} is not writable ({existing} is a file)")
     if not os.access(existing, os.W_OK | os.X_OK):
         fail(f"--out {path} is not writable (no write permission on {existing})")
+    checkpoint = os.path.join(path, "checkpoint.pth")
+    if args.resume and not os.path.isfile(checkpoint):
+        fail(f"--resume: no checkpoint at {checkpoint}")
+    if not args.resume and os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f in ("checkpoint.pth", "results.json")
+                       or f.startswith("events.out.tfevents"))
+        if found:
+            shown = ", ".join(found[:3]) + (", …" if len(found) > 3 else "")
+            fail(f"--out {path} already holds a run ({shown}); nothing was changed. Continue it with --resume "
+                 f"(its settings come from its checkpoint), or start a new run with another --out")
 
 
-def resolve_resume(args):
-    """--resume needs a checkpoint; under torchrun --max-restarts a restarted job (restart count > 0)
-    continues from its last checkpoint by itself, with no flag."""
+def resuming(args):
+    """--resume, or a restart by torchrun --max-restarts (restart count > 0) that finds a checkpoint to continue
+    from: a restarted job continues by itself, with no flag (sets args.resume)."""
     path = os.path.join(args.out, "checkpoint.pth")
     if args.resume and not os.path.isfile(path):
         fail(f"--resume: no checkpoint at {path}")
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     if restarted and os.path.isfile(path) and not getattr(args, "init", None):
         args.resume = True
+    return args.resume
+
+
+def explicit_flags(parser, argv):
+    """The dests of the options given on the command line `argv` (None: sys.argv), as opposed to defaults.
+    The parser must be made with allow_abbrev=False, so that every option is spelt out."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    by_string = {s: a.dest for a in parser._actions for s in a.option_strings}
+    return {by_string[token.split("=", 1)[0]] for token in argv if token.split("=", 1)[0] in by_string}
+
+
+def continue_run(args, saved, explicit, defining, extendable=("epochs", "max_iters")):
+    """--resume takes the run's settings from its checkpoint ('args' = `saved`): every setting not given on
+    the command line is the saved one, so `--resume --out DIR` alone continues a run. A flag given explicitly
+    must agree with the checkpoint where it defines the run (`defining`), except that the run may be made
+    longer (`extendable`: the schedule then stretches to the new end, and the message says so); other flags
+    (workers, logging, data location, speed switches) may change. → the notes to print (may be empty)."""
+    differ, notes = [], []
+    for key, value in saved.items():
+        if key in ("out", "resume") or not hasattr(args, key):
+            continue
+        if key not in explicit:
+            setattr(args, key, value)
+        elif key in defining and getattr(args, key) != value:
+            now = getattr(args, key)
+            if key in extendable and value is not None and now is not None and now > value:
+                notes.append(f"--{key.replace('_', '-')} {value} → {now}: the run is extended, and its schedule "
+                             f"(learning rate) is stretched to the new end from here on")
+            else:
+                differ.append(f"--{key.replace('_', '-')} {value!r} in the checkpoint, {now!r} now")
+    if differ:
+        raise UserError(f"--resume: {os.path.join(args.out, 'checkpoint.pth')} belongs to a different run "
+                        "(leave these flags out to continue it as it was):\n  " + "\n  ".join(differ))
+    return notes
 
 
 # ----------------------------------------------------------------------------- processes and devices
@@ -216,34 +271,19 @@ def save_checkpoint(state, path):
         os.close(dir_fd)
 
 
-def load_checkpoint(path):
-    """torch.load with weights_only=True: tensors and plain values only, never someone else's code."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no checkpoint there")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # the unpickler's refusal, or a damaged file
-        raise ValueError(f"{path}: refused to load, it is not a plain checkpoint of tensors and values "
-                         f"(loaded with weights_only=True): {str(e).splitlines()[0]}") from None
-
-
 def plain_args(args):
     """The run's arguments as a dict of str/int/float/bool/None/list, safe under weights_only."""
     return {k: v for k, v in vars(args).items() if v is None or isinstance(v, (str, int, float, bool, list))}
 
 
-def check_same_run(saved, args, path, keys):
-    """--resume continues a run: the arguments in `keys` must be those the checkpoint was made with."""
-    differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} in the checkpoint, {getattr(args, k)!r} now"
-              for k in keys if saved.get(k) != getattr(args, k)]
-    if differ:
-        raise ValueError(f"--resume: {path} belongs to a different run:\n  " + "\n  ".join(differ))
+class Diverged(UserError):
+    """A non-finite loss, gradient or weight: the run stops, and its last good checkpoint stays as it was."""
 
 
 def check_finite_weights(model, it, checkpoint_path):
     """Never replace a good checkpoint with a diverged model."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise FloatingPointError(f"non-finite weights after iteration {it}; "
+        raise Diverged(f"non-finite weights after iteration {it}; "
                                  f"the last good checkpoint {checkpoint_path} is untouched")
 
 
@@ -258,12 +298,37 @@ class Schedule(NamedTuple):
     def checkpoint_due(self, it):
         return it % self.save_every == 0 or it % self.iters_per_epoch == 0 or it == self.total_iters
 
+    def validation_due(self, it, every_epochs):
+        """After iteration `it`: an epoch ended, it is the every_epochs-th (0: never), and training goes on."""
+        return bool(every_epochs) and it < self.total_iters and it % self.iters_per_epoch == 0 \
+            and (it // self.iters_per_epoch) % every_epochs == 0
+
 
 def schedule(num_images, batch_size, epochs, max_iters=None, save_every=None):
     iters_per_epoch = num_images // batch_size
     if iters_per_epoch == 0:
-        raise ValueError(f"--batch-size {batch_size} is larger than the {num_images} training images")
+        raise UserError(f"--batch-size {batch_size} is larger than the {num_images} training images")
     return Schedule(iters_per_epoch, max_iters or epochs * iters_per_epoch, save_every or iters_per_epoch)
+
+
+def batches(dataset, sampler, plan, start_iter, workers, device):
+    """(iteration, batch) of a run from iteration start_iter to its end, epoch after epoch.
+
+    Each epoch's order and augmentation are functions of (seed, epoch, index) (`set_epoch`); a run resumed in
+    the middle of an epoch skips the batches it has seen, so it sees exactly the batches of an uninterrupted one.
+    The loader's workers leave Ctrl-C and SIGTERM to the training process (loader_worker_signals)."""
+    it = start_iter
+    while it < plan.total_iters:
+        epoch = it // plan.iters_per_epoch
+        sampler.set_epoch(epoch, start_batch=it % plan.iters_per_epoch)
+        dataset.set_epoch(epoch)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+                            worker_init_fn=loader_worker_signals)
+        for batch in loader:
+            yield it, batch
+            it += 1
+            if it == plan.total_iters:
+                return
 
 
 # How often the host reads the per-step numbers. Each read waits for the device to finish the
@@ -314,21 +379,63 @@ class StepStats:
             if not all(math.isfinite(v) for v in values.values()):
                 loss_finite = all(math.isfinite(v) for k, v in values.items() if k != "grad_norm")
                 terms = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if k != "lr")
-                raise FloatingPointError(f"non-finite {'gradient' if loss_finite else 'loss'} at iteration {it}: "
+                raise Diverged(f"non-finite {'gradient' if loss_finite else 'loss'} at iteration {it}: "
                                          f"{terms}; the last good checkpoint {checkpoint_path} is untouched")
 
 
-def log_steps(steps, writer, progress, epoch, it, checkpoint_path):
-    """The steps of the last sync → divergence check (every process), TensorBoard and the progress line (rank 0)."""
-    StepStats.check_finite(steps, checkpoint_path)
-    if writer is None or not steps:
-        return
-    for step, values in steps:
-        for k, v in values.items():
-            writer.add_scalar(f"train/{k}", v, step + 1)
-    writer.add_scalar("train/images_per_s", progress.images_per_s(it), it)
-    last = steps[-1][1]
-    progress.maybe_print(epoch, it, {k: v for k, v in last.items() if k not in ("lr", "grad_norm")}, last["lr"])
+class Bookkeeping:
+    """What a trainer does after each optimizer step, the same for every trainer (a context manager).
+
+    after_step(it, **values) records the step's numbers on the device; every SYNC_EVERY iterations, and before
+    a checkpoint, it reads them (the loop's only wait for the device), stops on a non-finite step, writes
+    TensorBoard and the progress line; it writes the checkpoint when one is due or a stop was requested --
+    only after a sync and from finite weights, so a diverged model never replaces a good checkpoint -- and
+    on Ctrl-C/SIGTERM (any process) raises Interrupted once the checkpoint is written.
+    checkpoint(it) → the dict to save (rank 0 saves it); model: the weights checked for finiteness.
+    """
+
+    def __init__(self, plan, start_iter, world, writer, log_every, global_batch, device, checkpoint_path,
+                 checkpoint, model):
+        self.plan, self.writer, self.path, self.checkpoint, self.model = plan, writer, checkpoint_path, checkpoint, model
+        self.stats = StepStats(world)
+        self.progress = Progress(log_every, plan.total_iters, start_iter, global_batch, device)
+
+    def __enter__(self):
+        self.stop = StopRequest()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.restore()  # after training, Ctrl-C simply interrupts again
+
+    def after_step(self, it, **values):
+        """it: iterations completed; values: the step's numbers (0-d tensors or floats; 'lr' and 'grad_norm'
+        are logged but not printed as loss terms)."""
+        self.stats.add(it - 1, **values)
+        due = self.plan.checkpoint_due(it)
+        stopping = False
+        if it % SYNC_EVERY == 0 or due:
+            steps, stopping = self.stats.sync(bool(self.stop))
+            StepStats.check_finite(steps, self.path)  # every process: they all stop together
+            self.log(steps, it)
+        if due or stopping:
+            check_finite_weights(self.model, it, self.path)
+            if self.writer is not None:  # rank 0
+                save_checkpoint(self.checkpoint(it), self.path)
+        if stopping:
+            raise Interrupted(self.stop.signum, it, self.path)
+
+    def log(self, steps, it):
+        """TensorBoard (every step) and the progress line (rank 0)."""
+        if self.writer is None or not steps:
+            return
+        for step, values in steps:
+            for k, v in values.items():
+                self.writer.add_scalar(f"train/{k}", v, step + 1)
+        self.writer.add_scalar("train/images_per_s", self.progress.images_per_s(it), it)
+        last = steps[-1][1]
+        epoch = (it - 1) // self.plan.iters_per_epoch
+        self.progress.maybe_print(epoch, it, {k: v for k, v in last.items() if k not in ("lr", "grad_norm")},
+                                  last["lr"])
 
 
 class Progress:
@@ -418,18 +525,19 @@ def one_line(error):
     return message
 
 
-def run_or_exit(train_fn, args, user_errors=()):
-    """Run training; the failures a user can fix (bad data, a checkpoint that does not fit,
-    divergence, a download that failed, Ctrl-C) end with their one-line message, not a traceback:
-    exit status 1, or 128 + the signal's number after an interruption."""
+def run_or_exit(fn, *args):
+    """fn(*args); a failure the user can fix (data.UserError: bad data, flags or files, a download, a checkpoint
+    that does not fit, divergence) or an interruption ends with its one-line message, not a traceback: exit
+    status 1 (2 for flags), or 128 + the signal's number after Ctrl-C/SIGTERM. Any other exception is a bug
+    and propagates with its traceback."""
     try:
-        return train_fn(args)
+        return fn(*args)
     except Interrupted as e:
-        message, status, every_rank = str(e), e.exit_status, False
-    except KeyboardInterrupt:
-        message, status, every_rank = "interrupted", 128 + signal.SIGINT, False
-    except (ValueError, FileNotFoundError, FloatingPointError, *user_errors) as e:
-        message, status, every_rank = f"error: {one_line(e)}", 1, True
-    if every_rank or int(os.environ.get("RANK", 0)) == 0:
+        message, status, all_ranks = str(e), e.exit_status, False
+    except KeyboardInterrupt:  # outside training's StopRequest (data checks, evaluation): nothing to save
+        message, status, all_ranks = "interrupted", 128 + signal.SIGINT, False
+    except UserError as e:
+        message, status, all_ranks = f"error: {one_line(e)}", e.exit_status, e.all_ranks
+    if all_ranks or int(os.environ.get("RANK", 0)) == 0:
         print(f"{os.path.basename(sys.argv[0])}: {message}", file=sys.stderr, flush=True)
     sys.exit(status)

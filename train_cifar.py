@@ -17,36 +17,48 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
 
 import data
 import encnet
 import run
+import zoo
 
 # Arguments that must agree between a checkpoint and the command that resumes it.
 RUN_DEFINING = ("model", "epochs", "batch_size", "lr", "momentum", "weight_decay", "encoding_drop", "seed")
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=run.HelpFormatter)
+    """The run's arguments: the command line, then --resume's checkpoint for what is not given; checked."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=run.HelpFormatter, allow_abbrev=False)
     p.add_argument("--model", default="encnet16k64d", choices=sorted(encnet.CIFAR_MODELS), help="a Table-6 network")
-    p.add_argument("--data-root", required=True, help="folder holding cifar-10-batches-py")
+    p.add_argument("--data-root", help="folder holding cifar-10-batches-py (required for a new run)")
     p.add_argument("--epochs", type=int, default=600, help="paper: 600")
     p.add_argument("--batch-size", type=int, default=128, help="global batch, split over processes (paper: 128)")
     p.add_argument("--lr", type=float, default=0.1, help="base lr of the cosine schedule (released code: 0.1)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="paper: 5e-4 (released code: 1e-4)")
-    p.add_argument("--no-encoding-drop", dest="encoding_drop", action="store_false",
-                   help="learned smoothing factors instead of EncodingDrop")
+    p.add_argument("--encoding-drop", action=argparse.BooleanOptionalAction, default=True,
+                   help="EncodingDrop: smoothing factors drawn from U(0, 1) in training, 0.5 in evaluation (Sec. 3.5); "
+                        "--no-encoding-drop learns them")
     p.add_argument("--seed", type=int, default=0, help="seeds weights, data order, augmentation and EncodingDrop")
     p.add_argument("--workers", type=int, default=run.default_workers(4),
                    help="data loader processes per training process (4, capped at the CPU cores)")
     g = run.add_run_arguments(p, out="runs/cifar", log_every=10.0)
     g.add_argument("--val-every", type=int, default=10, help="test error every N epochs (and at the end)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if run.resuming(args):
+        saved = zoo.read_checkpoint(os.path.join(args.out, "checkpoint.pth"))["args"]
+        for note in run.continue_run(args, saved, run.explicit_flags(p, argv), RUN_DEFINING):
+            run.warn(note)
+    check_args(args)
+    return args
 
 
 def check_args(args):
     run.check_run_args(args)
+    if not args.data_root:
+        run.fail("--data-root is required (the folder holding cifar-10-batches-py)")
     if not os.path.isdir(args.data_root):
         run.fail(f"--data-root {args.data_root} does not exist")
 
@@ -101,17 +113,15 @@ def final_evaluation(model, dataset, rank, world, device, args, writer, it):
 def train(args):
     rank, world, device = run.setup_distributed()
     is_main = rank == 0
-    torch.manual_seed(args.seed)  # the same initial weights on every process
     train_set = data.get_dataset("cifar10", args.data_root, "train", seed=args.seed)
     test_set = data.get_dataset("cifar10", args.data_root, "test")
 
     checkpoint_path = os.path.join(args.out, "checkpoint.pth")
-    checkpoint = run.load_checkpoint(checkpoint_path) if args.resume else None
-    if checkpoint is not None:
-        run.check_same_run(checkpoint["args"], args, checkpoint_path, RUN_DEFINING)
+    checkpoint = zoo.read_checkpoint(checkpoint_path) if args.resume else None
+    torch.manual_seed(args.seed)  # the same initial weights on every process
     model = encnet.build_cifar(args.model, args.encoding_drop)
     if checkpoint is not None:
-        encnet.load_strict(model, checkpoint["model"], checkpoint_path)
+        zoo.load_strict(model, checkpoint["model"], checkpoint_path)
     # SyncBatchNorm when distributed: the paper trained on 2 GPUs with synchronized BN
     model, net = run.distribute(model, world, device, args.channels_last, args.compile)
     optimizer = build_optimizer(model, args)
@@ -120,71 +130,44 @@ def train(args):
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
     plan = run.schedule(len(train_set), args.batch_size, args.epochs, save_every=args.save_every)
-    it = checkpoint["iter"] if checkpoint is not None else 0
+    start = checkpoint["iter"] if checkpoint is not None else 0
     sampler = data.ShardedBatchSampler(len(train_set), args.batch_size, rank, world, seed=args.seed)
     writer = None
     if is_main:
-        from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(args.out)
         params = sum(p.numel() for p in model.parameters())
         print(f"{args.model} ({params / 1e6:.2f}M parameters) on CIFAR-10, {world} process(es) on {device.type}, "
-              f"{plan.total_iters} iterations from {it}", flush=True)
-    progress = run.Progress(args.log_every, plan.total_iters, it, args.batch_size, device)
-    stats, stop = run.StepStats(world), run.StopRequest()
+              f"{plan.total_iters} iterations from {start}", flush=True)
 
-    def save_checkpoint(it):
-        run.check_finite_weights(model, it, checkpoint_path)
-        if is_main:
-            run.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
-                                 "epoch": it // plan.iters_per_epoch, "args": run.plain_args(args)}, checkpoint_path)
+    def checkpoint_state(it):
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
+                "epoch": it // plan.iters_per_epoch, "args": run.plain_args(args)}
 
-    while it < plan.total_iters:
-        epoch = it // plan.iters_per_epoch
-        sampler.set_epoch(epoch, start_batch=it % plan.iters_per_epoch)  # mid-epoch resume skips seen batches
-        train_set.set_epoch(epoch)
-        loader = DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers,
-                            pin_memory=device.type == "cuda", worker_init_fn=run.loader_worker_signals)
-        for images, labels in loader:
-            # data
+    with run.Bookkeeping(plan, start, world, writer, args.log_every, args.batch_size, device, checkpoint_path,
+                         checkpoint_state, model) as book:
+        for it, (images, labels) in run.batches(train_set, sampler, plan, start, args.workers, device):
             run.seed_step(args.seed, it, rank)  # EncodingDrop's draws depend only on (seed, iteration, rank)
             lr = cosine_lr(optimizer, args.lr, it, plan.total_iters)
             images = data.normalize(images.to(device, non_blocking=True), data.CIFAR_MEAN, data.CIFAR_STD)
             labels = labels.to(device, non_blocking=True)
-            # forward
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                 logits = net(images.contiguous(memory_format=memory_format))
-            # loss (every process holds the same number of images: the mean is the global mean)
+            # every process holds the same number of images: its mean, averaged by DDP, is the global mean
             loss = F.cross_entropy(logits.float(), labels)
             error = (logits.argmax(1) != labels).float().mean()
-            # backward
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # stays on the device
-            # step
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # the norm only
             optimizer.step()
-            stats.add(it, loss=loss, error=error, grad_norm=grad_norm, lr=lr)
-            it += 1
-            # log: the loop's only wait for the device, every run.SYNC_EVERY iterations and before a checkpoint
-            stopping = False
-            if it % run.SYNC_EVERY == 0 or plan.checkpoint_due(it):
-                steps, stopping = stats.sync(bool(stop))
-                run.log_steps(steps, writer, progress, epoch, it, checkpoint_path)
-            # checkpoint
-            if plan.checkpoint_due(it) or stopping:
-                save_checkpoint(it)
-            if stopping:
-                raise run.Interrupted(stop.signum, it, checkpoint_path)
-            if it == plan.total_iters:
-                break
-        epochs_done = it // plan.iters_per_epoch
-        if it < plan.total_iters and it % plan.iters_per_epoch == 0 and epochs_done % args.val_every == 0:
-            top1 = test_top1(model, test_set, rank, world, device, args)
-            if is_main:
-                print(f"epoch {epochs_done} | test top-1 {top1:.4f} (error {100 * (1 - top1):.2f}%)", flush=True)
-                writer.add_scalar("test/error", 1 - top1, it)
-    stop.restore()
+            book.after_step(it + 1, loss=loss, error=error, grad_norm=grad_norm, lr=lr)
+            if plan.validation_due(it + 1, args.val_every):
+                top1 = test_top1(model, test_set, rank, world, device, args)
+                if is_main:
+                    print(f"epoch {(it + 1) // plan.iters_per_epoch} | test top-1 {top1:.4f} "
+                          f"(error {100 * (1 - top1):.2f}%)", flush=True)
+                    writer.add_scalar("test/error", 1 - top1, it + 1)
 
-    result = final_evaluation(model, test_set, rank, world, device, args, writer, it)
+    result = final_evaluation(model, test_set, rank, world, device, args, writer, plan.total_iters)
     if is_main:
         writer.close()
     if world > 1:
@@ -193,9 +176,7 @@ def train(args):
 
 
 def main(argv=None):
-    args = get_args(argv)
-    check_args(args)
-    run.run_or_exit(train, args, user_errors=(data.DataError,))
+    run.run_or_exit(lambda: train(get_args(argv)))
 
 
 if __name__ == "__main__":
