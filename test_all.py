@@ -1385,6 +1385,50 @@ def test_pretrained_loads_strictly_from_file_and_url(tmp_path, monkeypatch):
         zoo.load_backbone_weights(encnet.resnet("resnet152s", width=8), "imagenet", "resnet152s")
 
 
+def mmcv_names(state):
+    """This repo's ResNetV1c keys → mmcv's (stem.0 … stem.7), as open-mmlab's ImageNet files name them."""
+    inverse = [(new.removeprefix("backbone."), old.removeprefix("backbone."))
+               for old, new in zoo.MMSEG_KEYS if old.startswith("backbone.stem.")]
+    out = {}
+    for key, value in state.items():
+        new, old = next(((n, o) for n, o in inverse if key.startswith(n)), ("", ""))
+        out[old + key[len(new):]] = value
+    return out
+
+
+def test_published_backbone_weights_by_name_and_as_copied_files(hub, tmp_path, monkeypatch):
+    # open-mmlab's resnet50_v1c is a {'state_dict': …} of mmcv's ResNetV1c names plus the ImageNet fc
+    source = encnet.resnet("resnet50v1c", width=8)
+    state = {**mmcv_names(source.state_dict()), "fc.weight": torch.zeros(10, 256), "fc.bias": torch.zeros(10)}
+    assert "stem.7.running_var" in state and "bn1.weight" not in state
+    torch.save({"meta": {}, "state_dict": state}, tmp_path / "v1c.pth")
+    model = encnet.resnet("resnet50v1c", width=8)
+    zoo.load_backbone_weights(model, str(tmp_path / "v1c.pth"), "resnet50v1c")
+    assert_same_weights(model.state_dict(), source.state_dict())
+    # the authors' resnet50s: this repo's names plus fc.*, as a plain state_dict
+    source = encnet.resnet("resnet50s", width=8)
+    torch.save({**source.state_dict(), "fc.weight": torch.zeros(10, 256)}, tmp_path / "s.pth")
+    model = encnet.resnet("resnet50s", width=8)
+    zoo.load_backbone_weights(model, str(tmp_path / "s.pth"), "resnet50s")
+    assert_same_weights(model.state_dict(), source.state_dict())
+
+    # 'imagenet' by name: every published backbone has a URL and a published hash; offline, one line says where
+    # a copy goes; a copy put there by hand is checked against the published hash too, refused and kept
+    assert set(zoo.IMAGENET_WEIGHTS) >= {"resnet50", "resnet50s", "resnet101s", "resnet50v1c", "resnet101v1c"}
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(zoo.DownloadError) as error:
+        zoo.load_backbone_weights(encnet.resnet("resnet50v1c", width=8), "imagenet", "resnet50v1c")
+    message = str(error.value)
+    assert "https://download.openmmlab.com/pretrain/third_party/resnet50_v1c-2cccc1ad.pth" in message
+    assert str(hub / "resnet50_v1c-2cccc1ad.pth") in message and "\n" not in message
+    hub.mkdir(parents=True, exist_ok=True)
+    copied = hub / "resnet50s-a75c83cf.pth"
+    copied.write_bytes((tmp_path / "s.pth").read_bytes())  # not the published file
+    with pytest.raises(zoo.DownloadError, match="the published resnet50s-a75c83cf.pth has a75c83cf"):
+        zoo.load_backbone_weights(encnet.resnet("resnet50s", width=8), "imagenet", "resnet50s")
+    assert copied.read_bytes() == (tmp_path / "s.pth").read_bytes()  # the user's file stays where it was
+
+
 def tiny(model_class, num_classes=5, **kwargs):
     return model_class(num_classes, "resnet18", width=8, head_width=16, **kwargs)
 
@@ -1746,6 +1790,197 @@ def test_init_from_a_zoo_file_fine_tunes_with_fresh_stage3_module(tmp_path):
 
 def convert_released(path):
     return zoo.convert(torch.load(path, weights_only=True), zoo.RELEASED_KEYS)
+
+
+# ----------------------------------------------------------------------------- train_seg.py: the published recipes
+
+def reference_step(name, recipe, tmp_path, dtype):
+    """train_seg.py's training step (train_step, the loop's) in `recipe`, from the weights and on the batch of
+    testdata/{name}.train_step.pt, in `dtype`. → (reference, loss terms, {reference key: change of the tensor})."""
+    ref = torch.load(TESTDATA / f"{name}.train_step.pt", weights_only=True)
+    spec, _ = zoo_file(name, tmp_path / "weights.pth")  # the README's rule, salt 0, rounded to float32
+    args = train_seg.get_args(["--recipe", recipe, "--init", str(tmp_path / "weights.pth"), "--dropout", "0",
+                               "--data-root", str(tmp_path), "--out", str(tmp_path / "run")])
+    args.num_classes = ref["num_classes"]
+    model = train_seg.init_model(args).to(dtype).train()
+    optimizer = train_seg.build_optimizer(model, args)
+    train_seg.poly_lr(optimizer, args.lr, 0, 1)  # iteration 0: the base lr
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _, terms, _ = train_seg.train_step(model, optimizer, ref["images"].to(dtype), ref["labels"], args)
+    rules = zoo.MMSEG_KEYS if spec["format"] == "mmseg" else zoo.RELEASED_KEYS
+    ours = {}
+    for key in ref["delta_norm"]:
+        own = next(iter(zoo.convert({key: torch.zeros(1)}, rules)))
+        sign = -1.0 if own.endswith(".scale") else 1.0  # the zoos store −s_k
+        ours[key] = sign * (model.state_dict()[own].double() - before[own].double())
+    return ref, terms, ours
+
+
+def update_error(ref, ours, keys):
+    """‖ours − reference‖ / ‖reference‖ over `keys` as one vector: whole changes where the reference has them
+    (tensors of ≤ 4,096 numbers), the difference of the norms elsewhere (what it records)."""
+    error = sum(((ours[k] - ref["delta_small"][k].double()) ** 2).sum().item() if k in ref["delta_small"]
+                else (ours[k].norm().item() - ref["delta_norm"][k]) ** 2 for k in keys)
+    return math.sqrt(error) / math.sqrt(sum(ref["delta_norm"][k] ** 2 for k in keys))
+
+
+@pytest.mark.parametrize("name,recipe", [("mmseg_encnet_r50-d8_ade20k", "mmseg_encnet_r50-d8_ade20k_80k"),
+                                         ("released_encnet_resnet50s_ade", "encnet_resnet50s_ade")])
+def test_one_training_step_is_the_reference_codes_step(name, recipe, tmp_path):
+    # testdata/*.train_step.pt: one SGD step computed by mmsegmentation 1.2.2 and by the authors' torch-encoding
+    # 1.2.1 (their train.py's optimizer) themselves, in float32. Ours runs in float64, where it is exact to
+    # ~1e-12 on any CPU, so every difference below is the reference's own float32 rounding.
+    ref, terms, ours = reference_step(name, recipe, tmp_path, torch.float64)
+    weights = {"mmseg": (1.0, 0.2, 0.4), "released": (1.0, 0.2, 0.2)}[ref["format"]]  # seg, SE, aux
+    loss = sum(w * terms[k].item() for w, k in zip(weights, ("seg", "se", "aux")))
+    reference_loss = sum(ref["loss_terms"].values())  # mmsegmentation's terms come weighted, the authors' summed
+    assert abs(loss - reference_loss) < 1e-5 * reference_loss  # float32 means over ~10⁴ pixels: ~1e-6
+    keys = list(ref["delta_norm"])
+    norms = torch.tensor([ours[k].norm().item() for k in keys])
+    reference_norms = torch.tensor([ref["delta_norm"][k] for k in keys])
+    # the size of every tensor's change, and of the whole update: measured 4.7e-5 / 8.9e-5 and 1e-6 / 1.3e-5
+    assert (norms - reference_norms).norm() <= 1e-4 * reference_norms.norm()
+    assert abs(norms.norm() - reference_norms.norm()) <= 1e-4 * reference_norms.norm()
+    # the head's changes element by element (measured ≤ 1e-5)
+    head = [k for k in keys if not k.startswith(("backbone.", "pretrained."))]
+    assert update_error(ref, ours, head) <= 1e-4
+    # Element by element through the backbone, a float32 step is only as exact as float32 rounding amplified
+    # by 50 layers of backward through BatchNorm in training mode: our own float32 step differs from our float64
+    # one by as much (measured 5.8e-4 / 1.0e-3 of the update; the reference differs by 4.7e-4 / 6.9e-4). So the
+    # bound is our float32 step's own error, with room for another CPU's kernels. Real differences, measured on
+    # mmsegmentation's step: the loss over labelled instead of all pixels 3.3e-2 (its loss 1.4× off), the head
+    # at 10× lr 2.1e-2 (its changes 10× off), the auxiliary loss at 0.2 instead of 0.4 (the loss terms off).
+    (tmp_path / "fp32").mkdir()
+    _, _, ours32 = reference_step(name, recipe, tmp_path / "fp32", torch.float32)
+    own_rounding = update_error({"delta_small": {k: ours[k] for k in ref["delta_small"]},
+                                 "delta_norm": ref["delta_norm"]}, ours32, keys)
+    assert update_error(ref, ours, keys) <= 3 * own_rounding + 1e-5
+
+
+def test_the_loop_runs_train_step_on_the_loaders_batch(tmp_path, monkeypatch):
+    # train_seg.py --init FILE --max-iters 1 --dropout 0: the checkpoint is the --init weights moved by exactly
+    # train_step on the batch the loader gave, so the step checked against the reference code is the loop's
+    zoo_file("released_encnet_resnet50s_ade", tmp_path / "released.pth")
+    make_ade(tmp_path / "data", n=2)
+    argv = ["--recipe", "encnet_resnet50s_ade", "--data-root", tmp_path / "data", "--init", tmp_path / "released.pth",
+            "--max-iters", 1, "--dropout", 0, "--batch-size", 2, "--crop-size", 32, "--base-size", 40,
+            "--workers", 0, "--protocol", "repo", "--log-every", 0, "--out", tmp_path / "run"]
+    batches, real_step = [], train_seg.train_step
+    monkeypatch.setattr(train_seg, "train_step", lambda net, opt, images, labels, *rest: (
+        batches.append((images.clone(), labels.clone())), real_step(net, opt, images, labels, *rest))[1])
+    train_seg.main([str(a) for a in argv])
+    assert len(batches) == 1
+    args = train_seg.get_args([str(a) for a in argv[:-2]] + ["--out", str(tmp_path / "again")])
+    args.num_classes = 150
+    model = train_seg.init_model(args).train()
+    optimizer = train_seg.build_optimizer(model, args)
+    train_seg.poly_lr(optimizer, args.lr, 0, 1)
+    real_step(model, optimizer, *batches[0], args)
+    assert_same_weights(weights(tmp_path / "run"), model.state_dict())
+
+
+def test_schedules_are_the_reference_codes_over_a_whole_run():
+    # The authors' LR_Scheduler: lr·(1 − T/N)^0.9, T = epoch·iters_per_epoch + i, N = epochs·len(loader) with
+    # drop_last, the head's groups at 10×. 37 images, batch 4, 3 epochs: 9 iterations an epoch, 27 in all.
+    plan = run_plumbing.schedule(37, 4, 3)
+    assert (plan.iters_per_epoch, plan.total_iters) == (9, 27)
+    sampler = data.ShardedBatchSampler(37, 4)
+    seen = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == 9 and all(len(b) == 4 for b in batches) and len(set(sum(batches, []))) == 36
+        seen.append(batches)
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD([{"params": [model.weight], "lr_mult": 1.0}, {"params": [model.bias], "lr_mult": 10.0}],
+                                lr=0.01)
+    horizon = train_seg.lr_horizon(plan.total_iters, "iters")
+    for epoch in range(3):
+        for i in range(9):
+            lr = train_seg.poly_lr(optimizer, 0.01, epoch * 9 + i, horizon)
+            expected = 0.01 * (1 - (epoch * 9 + i) / 27) ** 0.9
+            assert abs(lr - expected) < 1e-15 and abs(optimizer.param_groups[1]["lr"] - 10 * expected) < 1e-14
+    # mmcv 1.x's PolyLrUpdaterHook (mmsegmentation 0.x, which trained the zoo's files): (base − min)·(1 − t/max)^0.9
+    # + min, over max_iters. mmengine's PolyLR (mmsegmentation 1.x): applied step by step, its horizon is
+    # end − begin − 1, so that the last iteration trains at exactly eta_min.
+    total, base, eta = 50, 0.01, 1e-4
+    mmcv = [(base - eta) * (1 - t / total) ** 0.9 + eta for t in range(total)]
+    assert [train_seg.poly_lr(optimizer, base, t, train_seg.lr_horizon(total, "iters"), eta)
+            for t in range(total)] == pytest.approx(mmcv, rel=1e-13)
+    mmengine, lr = [], base
+    horizon_1x = total - 0 - 1
+    for t in range(total):  # mmengine PolyParamScheduler._get_value, stepped after every iteration
+        if t > 0:
+            lr = (lr - eta) * (1 - 1 / (horizon_1x - (t - 1))) ** 0.9 + eta
+        mmengine.append(lr)
+    ours = [train_seg.poly_lr(optimizer, base, t, train_seg.lr_horizon(total, "iters-1"), eta) for t in range(total)]
+    assert ours == pytest.approx(mmengine, rel=1e-12) and ours[-1] == eta
+
+
+@pytest.fixture(scope="module")
+def recipe_data(tmp_path_factory):
+    """Tiny fixtures in the layouts of the published models' datasets."""
+    root = tmp_path_factory.mktemp("recipe_data")
+    make_ade(root / "ade", n=4)
+    for split, ids in (("train", ["a", "b", "c", "d"]), ("val", ["e", "f"])):
+        make_voc(root / "pcontext", "VOC2010", "SegmentationClassContext", "SegmentationContext", split, ids,
+                 (0, 1, 30, 59), False)
+    make_cityscapes(root / "cityscapes")
+    return {"ade20k": root / "ade", "pcontext": root / "pcontext", "cityscapes": root / "cityscapes"}
+
+
+def interrupt_at(monkeypatch, iteration):
+    """Ctrl-C (SIGINT to this process) when the loop begins `iteration`: the schedule, called once per
+    iteration, is wrapped."""
+    real = train_seg.poly_lr
+
+    def poly_lr(optimizer, base_lr, it, *rest):
+        if it == iteration:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(optimizer, base_lr, it, *rest)
+    monkeypatch.setattr(train_seg, "poly_lr", poly_lr)
+
+
+@pytest.mark.parametrize("recipe", sorted(zoo.RECIPES))
+def test_each_published_recipe_trains_evaluates_and_resumes(recipe, recipe_data, tmp_path, monkeypatch, capsys):
+    # --recipe NAME end to end on a fixture of its dataset, at tiny widths and sizes: the recipe's settings reach
+    # the checkpoint, its lr is the reference schedule, eval.py evaluates it with the zoo's protocol, and a run
+    # stopped by Ctrl-C and continued with a bare --resume ends with the uninterrupted weights
+    settings = zoo.RECIPES[recipe]
+    dataset = settings["data"]
+    sizes = (["--crop-size", "8x16", "--scale-box", "68x8"] if dataset == "cityscapes"
+             else ["--crop-size", 32, "--base-size", 40])
+    argv = ["--recipe", recipe, "--data-root", recipe_data[dataset], *sizes, "--width", 8, "--head-width", 16,
+            "--batch-size", 4, "--pretrained", "none", "--workers", 0, "--max-iters", 2, "--save-every", 1,
+            "--log-every", 0]
+    monkeypatch.setitem(seg_eval.MMSEG_TEST_BOX, dataset, (64, 32))  # tiny test scale for a tiny model
+    train_seg.main([str(a) for a in argv + ["--out", tmp_path / "straight"]])
+    checkpoint = zoo.read_checkpoint(tmp_path / "straight" / "checkpoint.pth")
+    saved = checkpoint["args"]
+    for key in ("backbone", "aux", "aux_weight", "residual_gate", "align_corners", "dropout2d", "lateral",
+                "stage3_encoding", "loss_mean", "loss_group", "weight_decay", "head_lr_mult", "min_lr", "lr",
+                "poly_horizon", "random_scale", "blur", "photometric", "cat_max_ratio", "pad", "protocol"):
+        assert saved[key] == settings[key], key
+    events = EventAccumulator(str(tmp_path / "straight")).Reload()
+    lr, end = settings["lr"], settings["min_lr"]
+    assert [e.value for e in events.Scalars("train/lr")] == pytest.approx(
+        [(lr - end) * (1 - t / 2) ** 0.9 + end for t in range(2)], rel=1e-6)  # float32 in the event file
+
+    interrupt_at(monkeypatch, 0)  # Ctrl-C during the first iteration: the run stops after it, at iteration 1
+    with pytest.raises(SystemExit) as stopped:  # (the final evaluation's protocol may differ: it does not train)
+        train_seg.main([str(a) for a in argv + ["--protocol", "repo", "--out", tmp_path / "stopped"]])
+    assert stopped.value.code == 128 + signal.SIGINT
+    assert zoo.read_checkpoint(tmp_path / "stopped" / "checkpoint.pth")["iter"] == 1
+    monkeypatch.undo()
+    train_seg.main(["--resume", "--out", str(tmp_path / "stopped")])  # everything else from the checkpoint
+    assert_same_weights(checkpoint["model"], weights(tmp_path / "stopped"))
+
+    protocol = settings["protocol"]
+    monkeypatch.setitem(seg_eval.MMSEG_TEST_BOX, dataset, (64, 32))
+    seg_eval.main(["--checkpoint", str(tmp_path / "straight" / "checkpoint.pth"), "--protocol", protocol,
+                   "--out", str(tmp_path / "eval")])
+    results = json.loads((tmp_path / "eval" / f"results_{dataset}_val_{protocol}.json").read_text())
+    assert 0 <= results["mIoU"] <= 1 and f"({protocol} protocol)" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- train_seg.py and eval.py
