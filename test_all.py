@@ -506,6 +506,42 @@ def test_augment_matches_the_sequential_pipeline():
     assert min(agreement) > 0.9 and np.mean(agreement) > 0.95 and max(error) < 5
 
 
+def test_scale_rules_blur_and_padding_colour_of_the_recipes():
+    # the scaled image's size, read off the labelled region of a crop large enough to hold it whole, equals
+    # each reference's own arithmetic on the same draws (flip first, then the scale)
+    image, label = coordinate_image(40, 30)
+    for seed in range(6):
+        r = np.random.default_rng(seed)
+        r.random()  # the flip
+        short = int(r.integers(20, 80, endpoint=True))  # released v0.5.0: random.randint(0.5·base, 2·base)
+        expected = {"short": (int(40 * short / 30), short)}  # the long side truncated: int(1.0·w·oh/h)
+        r = np.random.default_rng(seed)
+        r.random()
+        ratio = r.uniform(0.5, 2.0)  # mmsegmentation RandomResize: the box × U(0.5, 2), mmcv's rescale_size
+        factor = min(int(2048 * ratio) / 40, int(16 * ratio) / 30)
+        expected["box"] = (int(40 * factor + 0.5), int(30 * factor + 0.5))
+        for rule, size in expected.items():
+            _, out_label = data.augment_train(image, label, np.random.default_rng(seed), 200, 40, max_rotation=0,
+                                              scale_rule=rule, scale_box=(2048, 16))
+            inside = np.asarray(out_label) < 255
+            assert (inside.any(0).sum(), inside.any(1).sum()) == size, (rule, seed)
+    # blur: half of the crops, the image only; padding: black or the mean colour (mmsegmentation pads with the
+    # normalised 0, i.e. the mean, which whole pixel levels approach within half a level)
+    blurred = 0
+    for seed in range(16):
+        sharp, sharp_label = data.augment_train(image, label, np.random.default_rng(seed), 64, 40, max_rotation=0)
+        soft, soft_label = data.augment_train(image, label, np.random.default_rng(seed), 64, 40, max_rotation=0,
+                                              blur=True)
+        assert np.array_equal(np.asarray(sharp_label), np.asarray(soft_label))
+        blurred += not np.array_equal(np.asarray(sharp), np.asarray(soft))
+    assert 3 <= blurred <= 13
+    out, out_label = data.augment_train(image, label, np.random.default_rng(0), 64, 40, scale_range=(1, 1),
+                                        max_rotation=0, image_fill=data.PAD_COLOURS["mean"])
+    assert (np.asarray(out)[35:, 45:] == (124, 116, 104)).all() and (np.asarray(out_label)[35:, 45:] == 255).all()
+    assert (data.normalize(torch.tensor(data.PAD_COLOURS["mean"], dtype=torch.uint8).view(1, 3, 1, 1)).abs()
+            < 0.5 / 57).all()
+
+
 def test_jpeg_draft_keeps_the_geometry(tmp_path):
     """A JPEG decoded at reduced size (scale ≤ 1/2) lands where the fully decoded one does."""
     write_jpeg(tmp_path / "big.jpg", 400, 300)
