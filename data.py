@@ -466,6 +466,11 @@ def ade20k_samples(root, split):
         ids = sorted(f[:-4] for f in os.listdir(image_dir) if f.endswith(".jpg"))
         if not ids:
             raise DataError(f"ade20k: no images (*.jpg) in {image_dir}")
+        # an image without its label, or a label without its image: either is a file missing from the download
+        orphans = sorted({f[:-4] for f in os.listdir(label_dir) if f.endswith(".png")} - set(ids))
+        if orphans:
+            raise DataError(f"ade20k: {image_dir / orphans[0]}.jpg not found (its label {label_dir / orphans[0]}.png "
+                            f"is there{f', and {len(orphans) - 1} more' if len(orphans) > 1 else ''})")
         samples += file_pairs("ade20k", ids, image_dir, label_dir)
     return samples
 
@@ -802,21 +807,22 @@ class SplitChecker(torch.utils.data.Dataset):
         for i in indices:
             try:
                 image, _ = self.dataset.open_checked(i)
-                image.close()
+                with reading(self.dataset.samples[i][0]), image:
+                    image.load()  # the whole body: a truncated JPEG fails here, not hours into training
             except DataError as e:
                 return str(e)
         return None
 
 
 def check_dataset(dataset, workers=None, indices=None, chunk=16):
-    """Read every label and every image header of a split before training; raise its first DataError.
+    """Decode every label and every image of a split before training; raise its first DataError.
 
-    Finds in a minute what would otherwise stop a run hours in: unreadable files, a label of another size
-    than its image, label values the dataset does not define (pairing and missing files are checked when
-    the dataset is made). Image bodies are not decoded (a truncated JPEG still surfaces when its item is
-    loaded); labels are, since their values matter. The first bad item in index order is reported, whatever
-    the number of workers. workers: processes (default, and at most, os.cpu_count()), started as a
-    DataLoader's, like training's. Generated and fully loaded datasets (context, cifar10) pass at once.
+    Finds in minutes what would otherwise stop a run hours in: unreadable or truncated files, a label of
+    another size than its image, label values the dataset does not define (pairing and missing files are
+    checked when the dataset is made). The first bad item in index order is reported, whatever the number
+    of workers (bench.py --only data measures the cost per item). workers: processes (default, and at
+    most, os.cpu_count()), started as a DataLoader's, like training's. Generated and fully loaded datasets
+    (context, cifar10) pass at once.
     indices: the items to check (default: all; a process of a distributed run checks its shard).
     Returns the number of items checked.
     """

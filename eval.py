@@ -4,6 +4,7 @@
     python eval.py --checkpoint CKPT --data ade20k --data-root DATA --multi-scale
     python eval.py --checkpoint encnet_resnet50s_ade --data-root DATA --protocol released
     python eval.py --checkpoint CKPT --images photo.jpg folder/ --out predictions/
+    python eval.py --checkpoint CKPT --export encnet.onnx                     # or encnet.pt2 (torch.export)
 
 --checkpoint: anything zoo.load_model reads (a train_seg.py checkpoint, a file of the authors' or of
 mmsegmentation's EncNet zoo, or a zoo name); classes, palette, crop and base size come with it.
@@ -68,7 +69,7 @@ from PIL import Image, ImageOps
 
 import data
 import zoo
-from run import HelpFormatter, cpu_has_fast_bf16, fail, run_or_exit, setup_distributed, warn
+from run import HelpFormatter, cpu_has_fast_bf16, end_distributed, fail, run_or_exit, setup_distributed, warn
 
 PROTOCOLS = ("repo", "released", "mmseg", "mmseg-ms")
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -573,11 +574,15 @@ def parse_args(argv):
     p.add_argument("--label-png", action="store_true",
                    help="with --images: write label-index PNGs in the dataset's encoding (for test servers)")
     p.add_argument("--out", default="predictions", help="folder for --images output, the IoU table and results")
-    p.add_argument("--overwrite", action="store_true", help="with --images: replace existing output files")
+    p.add_argument("--overwrite", action="store_true", help="with --images or --export: replace existing output files")
     p.add_argument("--amp", action="store_true",
                    help="bf16 autocast for speed where bf16 is native (GPUs; CPUs with AVX512-BF16 or AMX, there "
                         "with channels_last); elsewhere float32, with a warning")
     p.add_argument("--window-batch", type=positive, help="windows per forward (default: 8 on a GPU, 1 on a CPU)")
+    p.add_argument("--export", metavar="FILE",
+                   help="write the model for deployment instead of evaluating: FILE.onnx (ONNX, needs onnx and "
+                        "onnxscript) or FILE.pt2 (torch.export); dynamic batch, height and width; classes, palette "
+                        "and the input's normalisation in its metadata")
     p.add_argument("--log-every", type=float, default=10.0,
                    help="seconds between progress lines (of rank 0's share of the images)")
     args = p.parse_args(argv)
@@ -585,10 +590,18 @@ def parse_args(argv):
         if args.multi_scale else args.protocol
     if args.label_png and not args.images:
         fail("--label-png applies to --images (it writes their predictions as label-index PNGs)")
-    if args.overwrite and not args.images:
-        fail("--overwrite applies to --images (evaluation only replaces its own per_class_iou and results files)")
+    if args.overwrite and not (args.images or args.export):
+        fail("--overwrite applies to --images and --export (evaluation only replaces its own per_class_iou and "
+             "results files)")
     if args.images and (args.data_root or args.split != "val"):
         fail("--data-root and --split choose a dataset split to evaluate; --images segments the files given instead")
+    if args.export:
+        if not args.export.endswith((".onnx", ".pt2")):
+            fail(f"--export {args.export}: name it *.onnx (ONNX) or *.pt2 (torch.export)")
+        if os.path.exists(args.export) and not args.overwrite:
+            fail(f"--export {args.export} exists already; nothing was changed (--overwrite replaces it)")
+        if args.images or args.data or args.data_root or args.multi_scale:
+            fail("--export writes the model only; --images, --data, --data-root and --multi-scale evaluate it")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         fail(f"--out {args.out} is a file; it must be a folder (made if missing)")
     return args
@@ -605,6 +618,11 @@ def use_amp(amp, device):
 
 def run_eval(args):
     model, info = zoo.load_model(args.checkpoint)
+    if args.export:
+        zoo.export(model, info, args.export)
+        print(f"{args.checkpoint} → {args.export} ({len(info['classes'])} classes; the input's normalisation, "
+              "classes and palette in its metadata)")
+        return
     name = args.data or info["dataset"]
     if name is None:
         fail(f"{args.checkpoint}: no known dataset has its {len(info['classes'])} classes; name one with --data")
@@ -629,6 +647,7 @@ def run_eval(args):
             if unreadable:
                 raise data.DataError(f"{len(unreadable)} of {len(files)} images could not be read: "
                                      f"{'; '.join(unreadable)}")
+        end_distributed(world)
         return
     dataset = data.get_dataset(name, args.data_root or info.get("data_root"), args.split, crop_size, base_size,
                                mode="val")
@@ -640,6 +659,7 @@ def run_eval(args):
     if rank == 0:
         report(metric, dataset.classes, name, args.split, args.protocol, args.out, args.checkpoint,
                "bf16" if amp else "float32")
+    end_distributed(world)
 
 
 def report(metric, classes, name, split, protocol, out, checkpoint="", dtype="float32"):

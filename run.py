@@ -14,6 +14,7 @@
 Imports torch, syncbn and data's UserError only: nothing here knows about models.
 """
 import argparse
+import gc
 import math
 import os
 import shlex
@@ -198,6 +199,16 @@ def setup_distributed():
         dist.init_process_group("nccl" if cuda else "gloo", store=worker_store(rank, world), rank=rank,
                                 world_size=world, device_id=device if cuda else None)
     return rank, world, device
+
+
+def end_distributed(world):
+    """Destroy the process group at the end of a run, once what holds it is freed: the caller drops its DDP
+    wrapper first, and a collection here frees the wrapper's reference cycles. A group that outlives this
+    (freed only in the interpreter's teardown, or never) leaves gloo's threads running into the process's
+    exit, where they can abort it ("terminate called without an active exception") after a complete run."""
+    if world > 1:
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def worker_store(rank, world):

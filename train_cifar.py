@@ -170,8 +170,8 @@ def train(args):
     result = final_evaluation(model, test_set, rank, world, device, args, writer, plan.total_iters)
     if is_main:
         writer.close()
-    if world > 1:
-        dist.destroy_process_group()
+    del net  # DDP's reducer holds the process group, which must not outlive the run (run.end_distributed)
+    run.end_distributed(world)
     return result
 
 

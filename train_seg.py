@@ -107,6 +107,9 @@ def get_args(argv=None):
     g.add_argument("--scale-box", type=size, help="LONGxSHORT of --random-scale box, e.g. 2048x512")
     g.add_argument("--blur", action=recipe_flag, help="Gaussian blur, radius U(0, 1), of half the crops (released v0.5.0)")
     g.add_argument("--workers", type=int, help="data loader processes per training process")
+    g.add_argument("--check-train", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode every training image and label before training, so that a bad file stops the run "
+                        "before it starts (the validation split is always checked)")
     g.add_argument("--max-rotation", type=float, help="random rotation within ±degrees (paper: 10)")
     g.add_argument("--cat-max-ratio", type=float,
                    help="redraw a crop (up to 10 times) where one class covers more than this share (mmsegmentation)")
@@ -411,8 +414,10 @@ def train(args):
     val_quick = data.get_dataset(args.data, args.data_root, "val", args.crop_size, args.base_size, mode="center")
     val_full = data.get_dataset(args.data, args.data_root, "val", args.crop_size, args.base_size, mode="val")
     args.num_classes = train_set.num_classes
-    # The validation split is read now, not after hours of training (each process its shard).
+    # The splits are read now, not hours into training (each process its shard): every image and label decoded.
     data.check_dataset(val_full, max(1, args.workers), data.shard_indices(len(val_full), rank, world))
+    if args.check_train and not args.resume:
+        data.check_dataset(train_set, max(1, args.workers), data.shard_indices(len(train_set), rank, world))
 
     checkpoint_path = os.path.join(args.out, "checkpoint.pth")
     checkpoint = zoo.read_checkpoint(checkpoint_path) if args.resume else None
@@ -457,8 +462,8 @@ def train(args):
     result = final_evaluation(model, val_full, rank, world, device, args, writer, plan.total_iters)
     if is_main:
         writer.close()
-    if world > 1:
-        dist.destroy_process_group()
+    del net  # DDP's reducer holds the process group, which must not outlive the run (run.end_distributed)
+    run.end_distributed(world)
     return result
 
 

@@ -6,6 +6,7 @@
     load_backbone_weights  ImageNet weights into a backbone: published ones by name, a path or a URL
     fetch                  a file downloaded once into torch.hub's cache; its published hash checked on every use
     eval_crop              the evaluation window of a model trained with a given crop
+    export                 the model as an ONNX file or a torch.export program, classes in its metadata
     RECIPES                how each published model was trained, as train_seg.py's flags (--recipe NAME)
 
 The published EncNets differ from the paper's model in a few switches, all constructor options of
@@ -15,6 +16,7 @@ and uses the ResNetV1c stem. Both zoos store the Encoding layer's smoothing fact
 flips the sign, so `layers.Encoding` keeps the paper's convention.
 """
 import hashlib
+import json
 import os
 import pickle
 import shutil
@@ -49,21 +51,22 @@ def read_checkpoint(path):
     size = os.path.getsize(path)
     if size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes), not a checkpoint: an interrupted copy or download?")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    # torch.save writes a zip archive (b'PK'; a truncated one has lost its directory, not its first bytes),
+    # torch before 1.6 a bare pickle (protocol byte 0x80)
+    if head != b"PK" and head[:1] != b"\x80":
+        raise CheckpointError(f"{path} ({size:,} bytes) is not a file written by torch.save")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # weights_only's refusal (torch's own message suggests what we never do)
-        raise CheckpointError(f"{path} holds Python objects other than tensors and plain values; this project "
-                              f"loads checkpoints with weights_only=True and does not run what they carry") from None
-    except Exception:  # the zip reader's or unpickler's errors on a damaged file
-        kind = "a damaged or truncated torch.save file" if zipfile.is_zipfile(path) or _starts_like_torch(path) \
-            else "not a file written by torch.save"
-        raise CheckpointError(f"{path} ({size:,} bytes) is {kind}: an interrupted copy or download?") from None
-
-
-def _starts_like_torch(path):
-    """torch.save writes a zip archive (b'PK'); a truncated one has lost its directory, not its first bytes."""
-    with open(path, "rb") as f:
-        return f.read(2) == b"PK"
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):  # weights_only's refusal (torch's own advice is what we never do)
+            raise CheckpointError(f"{path} holds Python objects other than tensors and plain values; this project "
+                                  f"loads checkpoints with weights_only=True and does not run what they carry") from None
+        raise CheckpointError(f"{path} ({size:,} bytes) is a damaged torch.save file") from None
+    except Exception:  # the zip reader's errors on a truncated file
+        raise CheckpointError(f"{path} ({size:,} bytes) is a damaged or truncated torch.save file: an interrupted "
+                              f"copy or download?") from None
 
 
 def load_strict(module, state_dict, source):
@@ -98,7 +101,7 @@ def hash_in_name(url):
 
 
 def file_hash(path, algorithm):
-    """Hex digest of a file, read in 1 MiB pieces (hashlib.file_digest needs Python 3.11)."""
+    """Hex digest of a file, read in 1 MiB pieces (works on Python 3.10, which lacks hashlib.file_digest)."""
     digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for piece in iter(lambda: f.read(1 << 20), b""):
@@ -465,6 +468,50 @@ def load_model(source):
     load_strict(model, state, path)
     name = source if is_zoo_name else os.path.splitext(os.path.basename(path))[0]
     return model.eval(), {"format": fmt, "name": name, "source": source, "path": path, **info}
+
+
+
+# ----------------------------------------------------------------------------- export for deployment
+
+def export_metadata(info):
+    """What a runtime needs besides the graph: the input's convention, classes, palette, sizes (plain strings)."""
+    return {"encnet_input": "B×3×H×W float32, RGB in [0, 1] normalised by mean and std (ImageNet), any H, W ≥ 32",
+            "encnet_output": "B×K×H×W float32 logits; the class of a pixel is the argmax over K",
+            "mean": json.dumps(data.MEAN), "std": json.dumps(data.STD), "classes": json.dumps(info["classes"]),
+            "palette": json.dumps(info["palette"]), "dataset": str(info["dataset"]), "source": str(info["source"]),
+            "crop_size": json.dumps(info["crop_size"]), "base_size": json.dumps(info["base_size"])}
+
+
+def export(model, info, path, example_size=(256, 256)):
+    """The eval-mode model as a graph for runtimes without this code: path ending in .onnx → ONNX (opset 18,
+    torch.onnx's dynamo exporter; needs the optional packages onnx and onnxscript), .pt2 → a torch.export
+    program (torch.export.load(path).module() runs it). Batch, height and width are dynamic; the metadata of
+    export_metadata is the ONNX model's metadata_props, or extra_files['encnet.json'] of the .pt2. Written
+    to a temporary name, then renamed: an interrupted export leaves no half file."""
+    images = torch.randn(2, 3, *example_size)
+    dims = {"images": {0: torch.export.Dim("batch", min=1, max=1024), 2: torch.export.Dim("height", min=32, max=8192),
+                       3: torch.export.Dim("width", min=32, max=8192)}}
+    partial = f"{path}.{os.getpid()}.partial"
+    model = model.eval()
+    try:
+        if path.endswith(".onnx"):
+            try:
+                program = torch.onnx.export(model, (images,), dynamo=True, input_names=["images"],
+                                            output_names=["logits"], dynamic_shapes=dims, verbose=False)
+            except ModuleNotFoundError as e:  # torch imports the exporter's packages only when asked to export
+                raise UserError(f"--export {path}: ONNX export needs the optional packages onnx and onnxscript "
+                                f"({e.name} is missing): pip install onnx onnxscript") from None
+            program.model.metadata_props.update(export_metadata(info))
+            program.save(partial)
+        elif path.endswith(".pt2"):
+            program = torch.export.export(model, (images,), dynamic_shapes=dims)
+            torch.export.save(program, partial, extra_files={"encnet.json": json.dumps(export_metadata(info))})
+        else:
+            raise UserError(f"--export {path}: name it *.onnx (ONNX) or *.pt2 (torch.export)")
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 # ----------------------------------------------------------------------------- the recipes behind the published models
