@@ -229,6 +229,8 @@ def distribute(model, world, device, channels_last=False, compile=False):
     step calls)."""
     if world > 1:
         model = convert_sync_batchnorm(model)
+    if device.type == "cuda":  # training crops have one size: cuDNN times its algorithms per layer once and keeps
+        torch.backends.cudnn.benchmark = True  # the fastest (mmsegmentation's cudnn_benchmark=True; dilated convs)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model

@@ -1723,6 +1723,7 @@ def onnx_and_eager(model, path, images):
     return torch.from_numpy(session.run(None, {"images": images.numpy()})[0]), eager, exact
 
 
+@pytest.mark.slow
 def test_export_runs_in_onnxruntime_and_torch_export_with_the_models_logits(tmp_path, monkeypatch, capsys):
     tiny_checkpoint(tmp_path / "checkpoint.pth")
     seg_eval.main(["--checkpoint", str(tmp_path / "checkpoint.pth"), "--export", str(tmp_path / "model.onnx")])
@@ -3038,6 +3039,7 @@ def test_a_forgotten_resume_is_refused_and_the_run_kept(tmp_path, monkeypatch, c
     assert (out / "checkpoint.pth").read_bytes() == b"the run of yesterday" and len(list(out.iterdir())) == 2
 
 
+@pytest.mark.slow
 def test_resume_takes_the_settings_from_the_checkpoint_and_may_extend_the_run(tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "run")
     make_ade(tmp_path / "data", n=2)
@@ -3313,6 +3315,7 @@ def test_bench_quick_runs_every_section(tmp_path):
     assert set(os.listdir(HERE)) == before
 
 
+@pytest.mark.slow
 def test_bench_side_by_side_with_mmsegmentation_runs_on_cpu():
     # the GPU section's code at --quick sizes on the CPU: mmsegmentation 1.2.2's own EncNet from its wheel
     # (model files run as they are, mmcv/mmengine answered by bench.py's stand-ins) against ours, from the
