@@ -428,17 +428,21 @@ def bench_cifar(quick):
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312), ("L40S", 362), ("A10G", 70))
 
 
+def device_peak(device):
+    """→ (is it a GPU, its name, its bf16 peak TFLOP/s from PEAK_BF16_TFLOPS or None)."""
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else str(device)
+    return cuda, name, next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
+
+
 def bench_gpu(quick, device=None):
     """On one GPU: an EncNet-ResNet50 training step (crop 480, batch 16) in fp32 / bf16 autocast /
     + channels_last / + torch.compile: images/s, peak memory, TFLOP/s and MFU; and the Encoding layer
     eager vs compiled. `device` lets the tests run the same code on a CPU at --quick sizes."""
+    device = device or (torch.device("cuda") if torch.cuda.is_available() else None)
     if device is None:
-        if not torch.cuda.is_available():
-            return {"status": "not measured: no GPU on this machine"}
-        device = torch.device("cuda")
-    cuda = device.type == "cuda"
-    name = torch.cuda.get_device_name(device) if cuda else str(device)
-    peak = next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
+        return {"status": "not measured: no GPU on this machine"}
+    cuda, name, peak = device_peak(device)
     size, batch, backbone = (32, 2, "resnet18") if quick else (480, 16, "resnet50")
     result = {"device": name, "setting": f"EncNet {backbone}, {size}x{size}, batch {batch}, 150 classes"}
 
@@ -800,13 +804,10 @@ def bench_gpu_vs_mmseg(quick, device=None, cache=CACHE):
     (max_memory_allocated above what the others hold at rest), TFLOP/s and MFU of the model's FLOPs (ours, counted
     in fp32: the same convolutions for both), and ratios ours/mmsegmentation; one profiled step of ours (bf16 +
     channels_last). `device`: the tests run it on a CPU at --quick sizes (no compile, no memory statistics)."""
+    device = device or (torch.device("cuda") if torch.cuda.is_available() else None)
     if device is None:
-        if not torch.cuda.is_available():
-            return {"status": "not measured: no GPU on this machine"}
-        device = torch.device("cuda")
-    cuda = device.type == "cuda"
-    name = torch.cuda.get_device_name(device) if cuda else str(device)
-    peak = next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
+        return {"status": "not measured: no GPU on this machine"}
+    cuda, name, peak = device_peak(device)
     width, head_width = (16, 32) if quick else (64, 512)
     # --quick: one setting (the other runs the same code at other sizes)
     settings = {"mmseg_setting": (48, 2, "mmsegmentation's ADE20K config, crop 512, 4 images per GPU")} if quick else \
