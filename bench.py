@@ -1077,7 +1077,8 @@ def bench_eval(quick, device=None):
             result[f"{label}_bf16_pixels_agreeing_pct"] = 100 * agree
 
     # the class map of the scores: argmax(1) against eval.predicted_classes (max(1).indices, the same indices)
-    shapes = {"context": (1, 6, 64, 320)} if quick else {"context": (1, 6, 64, 320), "ade20k": (1, 150, 512, 683)}
+    context = (1, len(data.CONTEXT_CLASSES), data.CONTEXT_HEIGHT, data.CONTEXT_WIDTH)
+    shapes = {"context": context} if quick else {"context": context, "ade20k": (1, 150, 512, 683)}
     for label, shape in shapes.items():
         scores = torch.rand(shape, device=device)
         times = timeit_alternating({"argmax": synced(lambda: scores.argmax(1)),

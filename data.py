@@ -1015,11 +1015,25 @@ def context_split(split):
     return torch.from_numpy(images), torch.from_numpy(labels).long()
 
 
+def save_context_samples(path):
+    """The README's picture (context_samples.png): the first two validation panoramas of each scene (left)
+    beside their labels in CONTEXT_PALETTE (right), one per row, 4-pixel white gaps."""
+    images, labels = context_split("val")
+    scenes = labels.flatten(1).min(1).values  # a panorama's smallest label is its ground class: its scene
+    palette, gap = np.array(CONTEXT_PALETTE, np.uint8), 4
+    white = np.full((CONTEXT_HEIGHT, gap, 3), 255, np.uint8)
+    rows = []
+    for i in [i for scene in range(len(CONTEXT_CLASSES) // 3) for i in (scenes == scene).nonzero()[:2, 0].tolist()]:
+        rows += [np.concatenate([images[i].permute(1, 2, 0).numpy(), white, palette[labels[i].numpy()]], 1),
+                 np.full((gap, 2 * CONTEXT_WIDTH + gap, 3), 255, np.uint8)]
+    Image.fromarray(np.concatenate(rows[:-1])).save(path)
+
+
 class ContextDataset(torch.utils.data.Dataset):
     """The built-in dataset, generated from the split alone (the same images for every seed).
 
-    Images are used whole (64×320): the only training augmentation is a random horizontal flip, since a
-    crop could cut away the objects that define the labels.
+    Images are used whole (CONTEXT_HEIGHT × CONTEXT_WIDTH): the only training augmentation is a random
+    horizontal flip, since a crop could cut away the objects that define the labels.
     """
 
     def __init__(self, split, mode, seed=0):

@@ -1332,10 +1332,40 @@ def test_mmseg_cityscapes_recipe_and_option_errors(tmp_path):
     center = data.get_dataset("cityscapes", tmp_path, "val", mode="center", crop_size=(8, 16))[0][0]
     assert center.shape == (3, 8, 16)
     with pytest.raises(data.UserError, match="own fixed augmentation"):
-        data.get_dataset("context", None, "val", 320, 320, photometric=True)
+        data.get_dataset("context", None, "val", data.CONTEXT_WIDTH, data.CONTEXT_WIDTH, photometric=True)
     with pytest.raises(data.UserError, match="own fixed augmentation"):
         data.get_dataset("cifar10", tmp_path, "train", cat_max_ratio=0.75)
 
+
+
+def test_context_scenes_hide_the_class_of_ground_and_water(tmp_path, monkeypatch):
+    """The built-in data's premise (data.py): each panorama holds one scene's ground, water and objects; ground
+    and water have the same colour in every scene, so only the objects, at one end, tell the scene."""
+    n, h, w = len(data.CONTEXT_CLASSES) // 3, data.CONTEXT_HEIGHT, data.CONTEXT_WIDTH  # grounds, waters, objects
+    seen = set()
+    for i in range(40):
+        image, label = data.context_scene(np.random.default_rng([9, i]))
+        assert image.shape == (h, w, 3) and image.dtype == np.uint8 and label.shape == (h, w)
+        scene = int(label.min())
+        seen.add(scene)
+        assert set(np.unique(label).tolist()) == {scene, n + scene, 2 * n + scene}
+        columns = np.nonzero((label == 2 * n + scene).any(0))[0]
+        assert columns.max() < data.OBJECT_ZONE or columns.min() >= w - data.OBJECT_ZONE
+        for kind, rgb in ((0, data.GROUND_RGB), (1, data.WATER_RGB)):
+            # the mean of ≥ 3,000 pixels of (rgb + N(0, 18²)) · brightness U(0.85, 1.15): the noise moves each
+            # channel's ratio by std ≤ 18/√3000/60 < 0.006, clipping at 0 or 255 by less; uint8 truncation −0.5
+            ratio = (image[label == kind * n + scene].mean(0) + 0.5) / np.array(rgb)
+            assert 0.85 - 0.02 < ratio.min() and ratio.max() < 1.15 + 0.02 and np.ptp(ratio) < 0.03, (scene, kind)
+    assert seen == set(range(n))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(data, "CONTEXT_SIZES", {"train": 8, "val": 40})
+    data.save_context_samples(tmp_path / "samples.png")
+    picture = np.asarray(Image.open(tmp_path / "samples.png"))
+    assert picture.shape == (2 * n * h + (2 * n - 1) * 4, 2 * w + 4, 3)  # two panoramas per scene
+    images, labels = data.context_split("val")
+    first = int((labels.flatten(1).min(1).values == 0).nonzero()[0, 0])  # the first panorama of scene 0: row 0
+    assert (picture[:h, :w] == images[first].permute(1, 2, 0).numpy()).all()
+    assert (picture[:h, w + 4:] == np.array(data.CONTEXT_PALETTE, np.uint8)[labels[first].numpy()]).all()
 
 # ----------------------------------------------------------------------------- encnet.py
 
@@ -2413,7 +2443,8 @@ def test_elastic_restart_resumes_by_itself(tmp_path, two, two_process_run):
     (["--data", "ade20k", "--data-root", "{tmp}"], {}, "ade20k: .*ADEChallengeData2016"),
     (["--resume", "--out", "{tmp}/empty"], {}, "--resume: no checkpoint at"),
     (["--batch-size", "5"], {"WORLD_SIZE": "2"}, "--batch-size 5 is not divisible by the 2 processes"),
-    (["--crop-size", "400"], {}, r"--crop-size 400 --base-size 320: the built-in images \(64×320\) are used whole"),
+    (["--crop-size", "400"], {}, rf"--crop-size 400 --base-size {data.CONTEXT_WIDTH}: the built-in images "
+                                 rf"\({data.CONTEXT_HEIGHT}×{data.CONTEXT_WIDTH}\) are used whole"),
     (["--resume", "--init", "x.pth", "--out", "{tmp}"], {}, "--resume and --init contradict"),
     (["--epochs", "0"], {}, "--epochs 0: must be positive"),
     (["--max-iters", "0"], {}, "--max-iters 0: must be positive"),
@@ -2974,7 +3005,8 @@ def test_cli_protocols_write_separate_tables_with_progress(tmp_path, monkeypatch
 
 
 def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
-    fake_zoo(monkeypatch, dataset="context", num_classes=6, crop=320, base=320)
+    fake_zoo(monkeypatch, dataset="context", num_classes=len(data.CONTEXT_CLASSES), crop=data.CONTEXT_WIDTH,
+             base=data.CONTEXT_WIDTH)
     for argv, message in ((["--checkpoint", "zoo", "--multi-scale"], "multi-scale does not apply to the built-in "
                                                                          "context data"),
                           (["--checkpoint", "zoo", "--protocol", "released"], "never learnt"),

@@ -45,8 +45,8 @@ DEFAULTS = {
     # the paper has no Cityscapes recipe: mmsegmentation's EncNet-R50 one (zoo.RECIPES), with torchvision's
     # ResNet-50 (--recipe mmseg_encnet_r50-d8_cityscapes_80k takes its ResNetV1c and open-mmlab's weights)
     "cityscapes": None,  # filled in below from zoo.RECIPES
-    "context": dict(PAPER_RECIPE, lr=0.02, epochs=3, crop_size=320, base_size=320, head_lr_mult=10.0,
-                    backbone="resnet18", pretrained=None, width=16, head_width=64, workers=0),
+    "context": dict(PAPER_RECIPE, lr=0.02, epochs=3, crop_size=data.CONTEXT_WIDTH, base_size=data.CONTEXT_WIDTH,
+                    head_lr_mult=10.0, backbone="resnet18", pretrained=None, width=16, head_width=64, workers=0),
 }
 DEFAULTS["cityscapes"] = {**PAPER_RECIPE, **zoo.RECIPES["mmseg_encnet_r50-d8_cityscapes_80k"],
                           "backbone": "resnet50", "epochs": None, "workers": 8}
