@@ -1020,13 +1020,15 @@ def save_context_samples(path):
     beside their labels in CONTEXT_PALETTE (right), one per row, 4-pixel white gaps."""
     images, labels = context_split("val")
     scenes = labels.flatten(1).min(1).values  # a panorama's smallest label is its ground class: its scene
+    picks = torch.cat([(scenes == scene).nonzero()[:2, 0] for scene in range(len(CONTEXT_CLASSES) // 3)])
     palette, gap = np.array(CONTEXT_PALETTE, np.uint8), 4
     white = np.full((CONTEXT_HEIGHT, gap, 3), 255, np.uint8)
     rows = []
-    for i in [i for scene in range(len(CONTEXT_CLASSES) // 3) for i in (scenes == scene).nonzero()[:2, 0].tolist()]:
-        rows += [np.concatenate([images[i].permute(1, 2, 0).numpy(), white, palette[labels[i].numpy()]], 1),
-                 np.full((gap, 2 * CONTEXT_WIDTH + gap, 3), 255, np.uint8)]
-    Image.fromarray(np.concatenate(rows[:-1])).save(path)
+    for i in picks.tolist():
+        if rows:
+            rows.append(np.full((gap, 2 * CONTEXT_WIDTH + gap, 3), 255, np.uint8))
+        rows.append(np.concatenate([images[i].permute(1, 2, 0).numpy(), white, palette[labels[i].numpy()]], 1))
+    Image.fromarray(np.concatenate(rows)).save(path)
 
 
 class ContextDataset(torch.utils.data.Dataset):

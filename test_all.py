@@ -1337,7 +1337,6 @@ def test_mmseg_cityscapes_recipe_and_option_errors(tmp_path):
         data.get_dataset("cifar10", tmp_path, "train", cat_max_ratio=0.75)
 
 
-
 def test_context_scenes_hide_the_class_of_ground_and_water(tmp_path, monkeypatch):
     """The built-in data's premise (data.py): each panorama holds one scene's ground, water and objects; ground
     and water have the same colour in every scene, so only the objects, at one end, tell the scene."""
@@ -1366,6 +1365,7 @@ def test_context_scenes_hide_the_class_of_ground_and_water(tmp_path, monkeypatch
     first = int((labels.flatten(1).min(1).values == 0).nonzero()[0, 0])  # the first panorama of scene 0: row 0
     assert (picture[:h, :w] == images[first].permute(1, 2, 0).numpy()).all()
     assert (picture[:h, w + 4:] == np.array(data.CONTEXT_PALETTE, np.uint8)[labels[first].numpy()]).all()
+
 
 # ----------------------------------------------------------------------------- encnet.py
 
