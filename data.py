@@ -992,9 +992,11 @@ def context_split(split):
     """(N×3×H×W uint8 images, N×H×W int64 labels) of one split, generated or read from the cache.
 
     Generation takes a few seconds; the result is cached under ~/.cache/encnet, keyed by a hash of the
-    generator's source, so an edited generator never meets a stale cache.
+    generator's source and of the constants it reads, so an edited generator never meets a stale cache.
     """
-    key = hashlib.sha1((inspect.getsource(context_scene) + repr(CONTEXT_SIZES)).encode()).hexdigest()[:12]
+    design = (inspect.getsource(context_scene), CONTEXT_SIZES, CONTEXT_HEIGHT, CONTEXT_WIDTH, GROUND_RGB,
+              WATER_RGB, OBJECT_RGB, OBJECT_ZONE)
+    key = hashlib.sha1(repr(design).encode()).hexdigest()[:12]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "encnet" / f"context-{split}-{key}.npz"
     try:
         with np.load(cache) as stored:

@@ -1367,6 +1367,24 @@ def test_context_scenes_hide_the_class_of_ground_and_water(tmp_path, monkeypatch
     assert (picture[:h, w + 4:] == np.array(data.CONTEXT_PALETTE, np.uint8)[labels[first].numpy()]).all()
 
 
+def test_context_cache_follows_the_generator(tmp_path, monkeypatch):
+    """The cache of the built-in data is keyed by the generator's source and constants: a changed constant
+    generates afresh instead of reading the images the old constant drew; a damaged file is generated again."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(data, "CONTEXT_SIZES", {"train": 2, "val": 6})
+    before = data.context_split("val")
+    monkeypatch.setattr(data, "OBJECT_ZONE", data.OBJECT_ZONE // 2)
+    images, labels = data.context_split("val")
+    files = sorted((tmp_path / "encnet").glob("context-val-*.npz"))
+    assert len(files) == 2 and not torch.equal(labels, before[1])
+    objects = (labels >= 2 * (len(data.CONTEXT_CLASSES) // 3)).any(1)  # N×W: columns holding an object
+    w, zone = data.CONTEXT_WIDTH, data.OBJECT_ZONE
+    assert all(c.max() < zone or c.min() >= w - zone for c in (row.nonzero()[:, 0] for row in objects))
+    newest = max(files, key=lambda f: f.stat().st_mtime_ns)
+    newest.write_bytes(b"damaged")
+    assert torch.equal(data.context_split("val")[1], labels) and newest.stat().st_size > 100
+
+
 # ----------------------------------------------------------------------------- encnet.py
 
 
