@@ -949,7 +949,8 @@ def shard_indices(num_items, rank, world_size):
 # classes, so context decides most of the mIoU.
 CONTEXT_HEIGHT, CONTEXT_WIDTH = 64, 320
 CONTEXT_SIZES = {"train": 3000, "val": 500}
-CONTEXT_CLASSES = ["sand", "earth", "sea", "lake", "shell", "flower"]
+CONTEXT_CLASSES = ["sand", "earth", "sea", "lake", "shell", "flower"]  # label = kind · CONTEXT_SCENES + scene
+CONTEXT_SCENES = len(CONTEXT_CLASSES) // 3  # each scene has a ground, a water and an object class
 CONTEXT_PALETTE = [[194, 178, 128], [120, 80, 50], [0, 80, 160], [70, 170, 210], [245, 245, 245], [220, 30, 60]]
 GROUND_RGB, WATER_RGB = (150, 120, 80), (60, 100, 170)  # the same in both scenes: appearance says nothing
 OBJECT_RGB = ((240, 240, 240), (230, 40, 40))  # shell, flower
@@ -958,8 +959,8 @@ OBJECT_ZONE = 56  # the objects lie within this many pixels of one end
 
 def context_scene(rng):
     """One generated panorama → (H×W×3 uint8 image, H×W int64 label)."""
-    h, w = CONTEXT_HEIGHT, CONTEXT_WIDTH
-    scene = int(rng.integers(2))  # 0 = beach, 1 = field
+    h, w, n = CONTEXT_HEIGHT, CONTEXT_WIDTH, CONTEXT_SCENES
+    scene = int(rng.integers(n))  # 0 = beach, 1 = field
     # ground and water split by a gentle wave across the whole width, water on top or below
     x = np.arange(w)
     wave = rng.uniform(2, h / 8) * np.sin(2 * np.pi * x / w * rng.uniform(0.5, 2) + rng.uniform(0, 2 * np.pi))
@@ -969,7 +970,7 @@ def context_scene(rng):
         water = ~water
     image = np.where(water[..., None], np.float32(WATER_RGB), np.float32(GROUND_RGB))
     image += 18 * rng.standard_normal((h, w, 3), dtype=np.float32)  # the texture
-    label = np.where(water, 2 + scene, scene)
+    label = np.where(water, n + scene, scene)
     # 2–4 objects of the scene's kind, not overlapping, in the zone at the left or right end
     objects, count, left = [], rng.integers(2, 5), rng.random() < 0.5
     while len(objects) < count:
@@ -983,7 +984,7 @@ def context_scene(rng):
         yy, xx = np.mgrid[y0:int(cy + r) + 1, x0:int(cx + r) + 1]
         disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
         image[yy[disc], xx[disc]] = np.add(OBJECT_RGB[scene], rng.normal(0, 10, 3))
-        label[yy[disc], xx[disc]] = 4 + scene
+        label[yy[disc], xx[disc]] = 2 * n + scene
     image *= rng.uniform(0.85, 1.15)  # global brightness: no pixel-exact shortcut
     return np.clip(image, 0, 255).astype(np.uint8), label.astype(np.int64)
 
@@ -994,8 +995,8 @@ def context_split(split):
     Generation takes a few seconds; the result is cached under ~/.cache/encnet, keyed by a hash of the
     generator's source and of the constants it reads, so an edited generator never meets a stale cache.
     """
-    design = (inspect.getsource(context_scene), CONTEXT_SIZES, CONTEXT_HEIGHT, CONTEXT_WIDTH, GROUND_RGB,
-              WATER_RGB, OBJECT_RGB, OBJECT_ZONE)
+    design = (inspect.getsource(context_scene), CONTEXT_SIZES, CONTEXT_HEIGHT, CONTEXT_WIDTH, CONTEXT_SCENES,
+              GROUND_RGB, WATER_RGB, OBJECT_RGB, OBJECT_ZONE)
     key = hashlib.sha1(repr(design).encode()).hexdigest()[:12]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "encnet" / f"context-{split}-{key}.npz"
     try:
@@ -1022,7 +1023,7 @@ def save_context_samples(path):
     beside their labels in CONTEXT_PALETTE (right), one per row, 4-pixel white gaps."""
     images, labels = context_split("val")
     scenes = labels.flatten(1).min(1).values  # a panorama's smallest label is its ground class: its scene
-    picks = torch.cat([(scenes == scene).nonzero()[:2, 0] for scene in range(len(CONTEXT_CLASSES) // 3)])
+    picks = torch.cat([(scenes == scene).nonzero()[:2, 0] for scene in range(CONTEXT_SCENES)])
     palette, gap = np.array(CONTEXT_PALETTE, np.uint8), 4
     white = np.full((CONTEXT_HEIGHT, gap, 3), 255, np.uint8)
     rows = []

@@ -1340,7 +1340,7 @@ def test_mmseg_cityscapes_recipe_and_option_errors(tmp_path):
 def test_context_scenes_hide_the_class_of_ground_and_water(tmp_path, monkeypatch):
     """The built-in data's premise (data.py): each panorama holds one scene's ground, water and objects; ground
     and water have the same colour in every scene, so only the objects, at one end, tell the scene."""
-    n, h, w = len(data.CONTEXT_CLASSES) // 3, data.CONTEXT_HEIGHT, data.CONTEXT_WIDTH  # grounds, waters, objects
+    n, h, w = data.CONTEXT_SCENES, data.CONTEXT_HEIGHT, data.CONTEXT_WIDTH
     seen = set()
     for i in range(40):
         image, label = data.context_scene(np.random.default_rng([9, i]))
@@ -1378,7 +1378,7 @@ def test_context_cache_follows_the_generator(tmp_path, monkeypatch):
     labels = data.context_split("val")[1]
     (new_file,) = set((tmp_path / "encnet").glob("context-val-*.npz")) - cached
     assert len(cached) == 1 and not torch.equal(labels, before)
-    objects = (labels >= 2 * (len(data.CONTEXT_CLASSES) // 3)).any(1)  # N×W: columns holding an object
+    objects = (labels >= 2 * data.CONTEXT_SCENES).any(1)  # N×W: columns holding an object
     w, zone = data.CONTEXT_WIDTH, data.OBJECT_ZONE
     assert all(c.max() < zone or c.min() >= w - zone for c in (row.nonzero()[:, 0] for row in objects))
     new_file.write_bytes(b"damaged")
