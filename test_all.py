@@ -1337,32 +1337,44 @@ def test_mmseg_cityscapes_recipe_and_option_errors(tmp_path):
         data.get_dataset("cifar10", tmp_path, "train", cat_max_ratio=0.75)
 
 
-def test_context_scenes_hide_the_class_of_ground_and_water(tmp_path, monkeypatch):
-    """The built-in data's premise (data.py): each panorama holds one scene's ground, water and objects; ground
-    and water have the same colour in every scene, so only the objects, at one end, tell the scene."""
-    n, h, w = data.CONTEXT_SCENES, data.CONTEXT_HEIGHT, data.CONTEXT_WIDTH
-    seen = set()
-    for i in range(40):
+def test_context_scenes_tell_what_things_are_only_by_the_tree(tmp_path, monkeypatch):
+    """The built-in data's premise (data.py): each panorama holds ground, water, a tree at one end and one
+    scene's white things beyond it; ground, water and things have the same colours in every scene, so only the
+    tree's colour tells what the things are. Large things (sheep, swans) in two scenes, small in the others."""
+    h, w, zone = data.CONTEXT_HEIGHT, data.CONTEXT_WIDTH, data.TREE_ZONE
+    areas = {}
+    for i in range(60):
         image, label = data.context_scene(np.random.default_rng([9, i]))
         assert image.shape == (h, w, 3) and image.dtype == np.uint8 and label.shape == (h, w)
-        scene = int(label.min())
-        seen.add(scene)
-        assert set(np.unique(label).tolist()) == {scene, n + scene, 2 * n + scene}
-        columns = np.nonzero((label == 2 * n + scene).any(0))[0]
-        assert columns.max() < data.OBJECT_ZONE or columns.min() >= w - data.OBJECT_ZONE
+        scene = int(label.max()) - 3  # the things' class tells the scene
+        assert set(np.unique(label).tolist()) == {0, 1, 2, 3 + scene}
+        tree, things = (np.nonzero((label == k).any(0))[0] for k in (2, 3 + scene))
+        if tree.min() >= w / 2:  # mirror a panorama whose tree is on the right
+            tree, things = w - 1 - tree, w - 1 - things
+        # the tree's centre within `zone` of the end and its half-width ≤ 14; the things ≥ zone + 10 from it
+        assert tree.max() < zone + data.TREE_HALF_WIDTH[1] and things.min() >= zone + 10
         for kind, rgb in ((0, data.GROUND_RGB), (1, data.WATER_RGB)):
             # the mean of ≥ 3,000 pixels of (rgb + N(0, 18²)) · brightness U(0.85, 1.15): the noise moves each
             # channel's ratio by std ≤ 18/√3000/60 < 0.006, clipping at 0 or 255 by less; uint8 truncation −0.5
-            ratio = (image[label == kind * n + scene].mean(0) + 0.5) / np.array(rgb)
+            ratio = (image[label == kind].mean(0) + 0.5) / np.array(rgb)
             assert 0.85 - 0.02 < ratio.min() and ratio.max() < 1.15 + 0.02 and np.ptp(ratio) < 0.03, (scene, kind)
-    assert seen == set(range(n))
+        # the things are white in every scene: (235 + N(0, 10²) per thing and channel) · brightness ≥ 0.85 is
+        # above 150 unless a draw is 5 σ low; every tree has a channel of at most 60 + 10 · 5, times 1.15
+        assert image[label == 3 + scene].min() >= 150 and image[label == 2].mean(0).min() < 130
+        areas.setdefault(scene, []).append((label == 3 + scene).mean())
+    # every scene drawn; count × π r² of data.CONTEXT_SCENES: large things ≥ 3 · π 12² = 6.6 % of a panorama,
+    # small ones ≤ 6 · π 9² = 7.5 % (a disc's pixel count is within 2πr + 4 of π r²)
+    assert sorted(areas) == [0, 1, 2, 3]
+    large, small = (np.mean([a for s in group for a in areas[s]]) for group in ((0, 1), (2, 3)))
+    assert large > 0.1 and small < 0.06 and min(min(areas[0]), min(areas[1])) > max(max(areas[2]), max(areas[3])) - 0.02
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(data, "CONTEXT_SIZES", {"train": 8, "val": 40})
     data.save_context_samples(tmp_path / "samples.png")
     picture = np.asarray(Image.open(tmp_path / "samples.png"))
-    assert picture.shape == (2 * n * h + (2 * n - 1) * 4, 2 * w + 4, 3)  # two panoramas per scene
+    n = len(data.CONTEXT_SCENES)
+    assert picture.shape == (n * h + (n - 1) * 4, 2 * w + 4, 3)  # one panorama per scene
     images, labels = data.context_split("val")
-    first = int((labels.flatten(1).min(1).values == 0).nonzero()[0, 0])  # the first panorama of scene 0: row 0
+    first = int((labels.flatten(1).max(1).values == 3).nonzero()[0, 0])  # the first field panorama: row 0
     assert (picture[:h, :w] == images[first].permute(1, 2, 0).numpy()).all()
     assert (picture[:h, w + 4:] == np.array(data.CONTEXT_PALETTE, np.uint8)[labels[first].numpy()]).all()
 
@@ -1374,13 +1386,13 @@ def test_context_cache_follows_the_generator(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "CONTEXT_SIZES", {"train": 2, "val": 6})
     before = data.context_split("val")[1]
     cached = set((tmp_path / "encnet").glob("context-val-*.npz"))
-    monkeypatch.setattr(data, "OBJECT_ZONE", data.OBJECT_ZONE // 2)
+    monkeypatch.setattr(data, "TREE_ZONE", 60)
     labels = data.context_split("val")[1]
     (new_file,) = set((tmp_path / "encnet").glob("context-val-*.npz")) - cached
     assert len(cached) == 1 and not torch.equal(labels, before)
-    objects = (labels >= 2 * data.CONTEXT_SCENES).any(1)  # N×W: columns holding an object
-    w, zone = data.CONTEXT_WIDTH, data.OBJECT_ZONE
-    assert all(c.max() < zone or c.min() >= w - zone for c in (row.nonzero()[:, 0] for row in objects))
+    things = (labels >= 3).any(1)  # N×W: columns holding a thing
+    w = data.CONTEXT_WIDTH
+    assert all(c.min() >= 70 or c.max() < w - 70 for c in (row.nonzero()[:, 0] for row in things))
     new_file.write_bytes(b"damaged")
     assert torch.equal(data.context_split("val")[1], labels) and new_file.stat().st_size > 100
 
