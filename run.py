@@ -9,7 +9,7 @@
     Schedule, batches   iterations per epoch and in all; the batches of the run, epoch after epoch, from any iteration
     Bookkeeping         after every step: the host sync every 10 steps, logs, divergence, checkpoints, Ctrl-C/SIGTERM
     loader_worker_signals  the loader's workers leave Ctrl-C and a scheduler's SIGTERM to the training process
-    run_or_exit         a data.UserError ends with its one line; any other exception is a bug and keeps its traceback
+    run_or_exit         a errors.UserError ends with its one line; any other exception is a bug and keeps its traceback
 
 Imports torch, syncbn and data's UserError only: nothing here knows about models.
 """
@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from data import UserError
+from errors import Diverged, FlagError, UserError
 from syncbn import convert_sync_batchnorm
 
 
@@ -78,13 +78,6 @@ def cpu_has_fast_bf16():
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-class FlagError(UserError):
-    """A flag or a combination of flags that cannot work: found before any work, reported once (by rank 0),
-    exit status 2 as argparse's own errors."""
-    exit_status = 2
-    all_ranks = False
 
 
 def fail(message):
@@ -287,10 +280,6 @@ def save_checkpoint(state, path):
 def plain_args(args):
     """The run's arguments as a dict of str/int/float/bool/None/list, safe under weights_only."""
     return {k: v for k, v in vars(args).items() if v is None or isinstance(v, (str, int, float, bool, list))}
-
-
-class Diverged(UserError):
-    """A non-finite loss, gradient or weight: the run stops, and its last good checkpoint stays as it was."""
 
 
 def check_finite_weights(model, it, checkpoint_path):
@@ -539,7 +528,7 @@ def one_line(error):
 
 
 def run_or_exit(fn, *args):
-    """fn(*args); a failure the user can fix (data.UserError: bad data, flags or files, a download, a checkpoint
+    """fn(*args); a failure the user can fix (errors.UserError: bad data, flags or files, a download, a checkpoint
     that does not fit, divergence) or an interruption ends with its one-line message, not a traceback: exit
     status 1 (2 for flags), or 128 + the signal's number after Ctrl-C/SIGTERM. Any other exception is a bug
     and propagates with its traceback."""

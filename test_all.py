@@ -42,14 +42,22 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-import bench
+from conftest import direct_repo_predict
+import coco_masks
+import context_data
 import data
 import encnet
+import errors
 import eval as seg_eval  # `eval` shadows the builtin
+import export
 import layers
+import mmseg_peer
+import protocols
+import recipes
 import run as run_plumbing  # `run` is this file's subprocess helper
 import syncbn
 import train_seg
+import transforms
 import zoo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -457,7 +465,7 @@ def test_augment_is_an_exact_crop_at_scale_one():
     image, label = coordinate_image(120, 90)
     flips = set()
     for seed in range(12):
-        out, out_label = data.augment_train(image, label, np.random.default_rng(seed), 64, 120,
+        out, out_label = transforms.augment_train(image, label, np.random.default_rng(seed), 64, 120,
                                             scale_range=(1, 1), max_rotation=0)
         assert out.size == out_label.size == (64, 64) and out.mode == "RGB" and out_label.mode == "L"
         r, g = np.asarray(out)[0, 0, :2].astype(int)
@@ -473,7 +481,7 @@ def test_augment_is_an_exact_crop_at_scale_one():
 
 def test_augment_pads_with_zero_and_ignore(tmp_path):
     image, label = coordinate_image(40, 30)
-    out, out_label = data.augment_train(image, label, np.random.default_rng(0), 64, 40, scale_range=(1, 1),
+    out, out_label = transforms.augment_train(image, label, np.random.default_rng(0), 64, 40, scale_range=(1, 1),
                                         max_rotation=0)
     out, out_label = np.asarray(out), np.asarray(out_label)
     assert (out_label[30:] == 255).all() and (out_label[:, 40:] == 255).all() and (out_label[:30, :40] < 255).all()
@@ -504,7 +512,7 @@ def test_augment_matches_the_sequential_pipeline():
         img, lab = ImageOps.expand(img, (0, 0, pw, ph), 0), ImageOps.expand(lab, (0, 0, pw, ph), 255)
         x1, y1 = int(r.integers(0, sw + pw - crop, endpoint=True)), int(r.integers(0, sh + ph - crop, endpoint=True))
         box = (x1, y1, x1 + crop, y1 + crop)
-        out, out_label = data.augment_train(image, label, np.random.default_rng(seed), crop, base)
+        out, out_label = transforms.augment_train(image, label, np.random.default_rng(seed), crop, base)
         agreement.append((np.asarray(out_label) == np.asarray(lab.crop(box))).mean())
         error.append(np.abs(np.asarray(out, float) - np.asarray(img.crop(box), float)).mean())
     assert min(agreement) > 0.9 and np.mean(agreement) > 0.95 and max(error) < 5
@@ -525,7 +533,7 @@ def test_scale_rules_blur_and_padding_colour_of_the_recipes():
         factor = min(int(2048 * ratio) / 40, int(16 * ratio) / 30)
         expected["box"] = (int(40 * factor + 0.5), int(30 * factor + 0.5))
         for rule, size in expected.items():
-            _, out_label = data.augment_train(image, label, np.random.default_rng(seed), 200, 40, max_rotation=0,
+            _, out_label = transforms.augment_train(image, label, np.random.default_rng(seed), 200, 40, max_rotation=0,
                                               scale_rule=rule, scale_box=(2048, 16))
             inside = np.asarray(out_label) < 255
             assert (inside.any(0).sum(), inside.any(1).sum()) == size, (rule, seed)
@@ -533,16 +541,16 @@ def test_scale_rules_blur_and_padding_colour_of_the_recipes():
     # normalised 0, i.e. the mean, which whole pixel levels approach within half a level)
     blurred = 0
     for seed in range(16):
-        sharp, sharp_label = data.augment_train(image, label, np.random.default_rng(seed), 64, 40, max_rotation=0)
-        soft, soft_label = data.augment_train(image, label, np.random.default_rng(seed), 64, 40, max_rotation=0,
+        sharp, sharp_label = transforms.augment_train(image, label, np.random.default_rng(seed), 64, 40, max_rotation=0)
+        soft, soft_label = transforms.augment_train(image, label, np.random.default_rng(seed), 64, 40, max_rotation=0,
                                               blur=True)
         assert np.array_equal(np.asarray(sharp_label), np.asarray(soft_label))
         blurred += not np.array_equal(np.asarray(sharp), np.asarray(soft))
     assert 3 <= blurred <= 13
-    out, out_label = data.augment_train(image, label, np.random.default_rng(0), 64, 40, scale_range=(1, 1),
-                                        max_rotation=0, image_fill=data.PAD_COLOURS["mean"])
+    out, out_label = transforms.augment_train(image, label, np.random.default_rng(0), 64, 40, scale_range=(1, 1),
+                                        max_rotation=0, image_fill=transforms.PAD_COLOURS["mean"])
     assert (np.asarray(out)[35:, 45:] == (124, 116, 104)).all() and (np.asarray(out_label)[35:, 45:] == 255).all()
-    assert (data.normalize(torch.tensor(data.PAD_COLOURS["mean"], dtype=torch.uint8).view(1, 3, 1, 1)).abs()
+    assert (transforms.normalize(torch.tensor(transforms.PAD_COLOURS["mean"], dtype=torch.uint8).view(1, 3, 1, 1)).abs()
             < 0.5 / 57).all()
 
 
@@ -553,10 +561,10 @@ def test_jpeg_draft_keeps_the_geometry(tmp_path):
     reduced = 0
     for seed in range(4):  # long side 80..320 of 400: some draws decode at 1/2 or 1/4
         lazy = Image.open(tmp_path / "big.jpg")
-        out, _ = data.augment_train(lazy, label, np.random.default_rng(seed), 96, 160)
+        out, _ = transforms.augment_train(lazy, label, np.random.default_rng(seed), 96, 160)
         reduced += lazy.size != (400, 300)
         full = Image.open(tmp_path / "big.jpg").convert("RGB")  # already decoded: no reduction possible
-        full, _ = data.augment_train(full, label, np.random.default_rng(seed), 96, 160)
+        full, _ = transforms.augment_train(full, label, np.random.default_rng(seed), 96, 160)
         assert np.abs(np.asarray(out, float) - np.asarray(full, float)).mean() < 3
     assert reduced
 
@@ -618,20 +626,20 @@ def test_shard_indices_cover_every_item_once():
 
 def test_normalize_values_and_channels_last():
     images = torch.randint(0, 256, (2, 3, 5, 4), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
-    out = data.normalize(images)
-    expected = (images.float() / 255 - torch.tensor(data.MEAN).view(3, 1, 1)) / torch.tensor(data.STD).view(3, 1, 1)
+    out = transforms.normalize(images)
+    expected = (images.float() / 255 - torch.tensor(transforms.MEAN).view(3, 1, 1)) / torch.tensor(transforms.STD).view(3, 1, 1)
     assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(out, expected, atol=1e-5)
-    assert torch.allclose(data.normalize(images[:, :, :1, :1], data.CIFAR_MEAN, data.CIFAR_STD)[0, :, 0, 0],
+    assert torch.allclose(transforms.normalize(images[:, :, :1, :1], data.CIFAR_MEAN, data.CIFAR_STD)[0, :, 0, 0],
                           (images[0, :, 0, 0].float() / 255 - torch.tensor(data.CIFAR_MEAN)) / torch.tensor(data.CIFAR_STD))
 
 
 def test_missing_root_names_path_and_layout(tmp_path):
-    with pytest.raises(data.DataError, match="nowhere.*expected ROOT/ADEChallengeData2016"):
+    with pytest.raises(errors.DataError, match="nowhere.*expected ROOT/ADEChallengeData2016"):
         data.get_dataset("ade20k", tmp_path / "nowhere", "train")
-    with pytest.raises(data.DataError, match="nowhere.*VOCdevkit/VOC2010"):
+    with pytest.raises(errors.DataError, match="nowhere.*VOCdevkit/VOC2010"):
         data.get_dataset("pcontext", tmp_path / "nowhere", "train")
-    with pytest.raises(data.DataError, match="cifar-10-batches-py"):
+    with pytest.raises(errors.DataError, match="cifar-10-batches-py"):
         data.get_dataset("cifar10", tmp_path, "train")
 
 
@@ -644,21 +652,21 @@ def test_bad_files_raise_data_error_naming_them(tmp_path):
     write_png(labels / "ADE_1.png", blocks(41, 30, (1,)))
     write_png(labels / "ADE_2.png", blocks(40, 30, (3, 151)))
     dataset = data.get_dataset("ade20k", tmp_path, "train", crop_size=24, base_size=40)
-    with pytest.raises(data.DataError, match="(?i)ADE_0.jpg.*truncated"):
+    with pytest.raises(errors.DataError, match="(?i)ADE_0.jpg.*truncated"):
         dataset[0]
-    with pytest.raises(data.DataError, match=r"ADE_1.png.*41×30.*40×30"):
+    with pytest.raises(errors.DataError, match=r"ADE_1.png.*41×30.*40×30"):
         dataset[1]
-    with pytest.raises(data.DataError, match="ADE_2.png.*value 151"):
+    with pytest.raises(errors.DataError, match="ADE_2.png.*value 151"):
         dataset[2]
     (labels / "ADE_2.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
-    with pytest.raises(data.DataError, match="ADE_2.png"):
+    with pytest.raises(errors.DataError, match="ADE_2.png"):
         dataset[2]
 
     make_voc(tmp_path, "VOC2012", "SegmentationClass", "Segmentation", "train", ["a"], (0,), True)
     (tmp_path / "VOCdevkit/VOC2012/ImageSets/Segmentation/train.txt").write_text("a\nmissing_id\n")
-    with pytest.raises(data.DataError, match="missing_id.jpg"):
+    with pytest.raises(errors.DataError, match="missing_id.jpg"):
         data.get_dataset("pascal_voc", tmp_path, "train")
-    with pytest.raises(data.DataError, match="val.txt"):
+    with pytest.raises(errors.DataError, match="val.txt"):
         data.get_dataset("pascal_voc", tmp_path, "val")
 
 
@@ -684,10 +692,10 @@ def rle_string(counts):
 
 
 def test_rle_string_decoding():
-    assert data.rle_string_counts("537OM") == [5, 3, 7, 2, 4]  # worked by hand: a negative delta at i ≥ 3
-    assert data.rle_string_counts("T3") == [100]
+    assert coco_masks.rle_string_counts("537OM") == [5, 3, 7, 2, 4]  # worked by hand: a negative delta at i ≥ 3
+    assert coco_masks.rle_string_counts("T3") == [100]
     counts = [17, 250, 3, 4000, 1, 70000]
-    assert data.rle_string_counts(rle_string(counts)) == counts
+    assert coco_masks.rle_string_counts(rle_string(counts)) == counts
 
 
 def rectangle(x0, y0, x1, y1, w=60, h=50):
@@ -771,7 +779,7 @@ def test_cifar10(tmp_path):
     assert len(seen) > 1
 
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"\x80\x04garbage")
-    with pytest.raises(data.DataError, match="data_batch_3"):
+    with pytest.raises(errors.DataError, match="data_batch_3"):
         data.get_dataset("cifar10", tmp_path, "train")
 
 
@@ -832,24 +840,24 @@ def test_polygon_masks_equal_pycocotools():
         parts = [random_polygon(rng, h, w) for _ in range(int(rng.integers(1, 4)))]
         for polygon in parts:  # each part alone, through pycocotools' polygon → RLE, whatever its length
             expected = decode(coco_mask_c.frPoly([polygon], h, w))[:, :, 0]
-            assert np.array_equal(data.segmentation_mask([polygon], h, w), expected), (h, w, polygon)
+            assert np.array_equal(coco_masks.segmentation_mask([polygon], h, w), expected), (h, w, polygon)
         if all(len(p) > 4 for p in parts):  # several parts: the union, as annToMask merges them
             expected = decode(coco_mask.merge(coco_mask.frPyObjects(parts, h, w)))
-            assert np.array_equal(data.segmentation_mask(parts, h, w), expected), (h, w, parts)
+            assert np.array_equal(coco_masks.segmentation_mask(parts, h, w), expected), (h, w, parts)
 
 
 def test_polygon_edge_cases():
     square = [5, 5, 45, 5, 45, 35, 5, 35]  # a pixel is in when its centre is: columns 5..44, rows 5..34
     expected = np.zeros((50, 60), bool)
     expected[5:35, 5:45] = True
-    assert np.array_equal(data.segmentation_mask([square], 50, 60), expected)
-    assert np.array_equal(data.segmentation_mask([square + [7]], 50, 60), expected)  # odd count: last ignored
-    assert not data.segmentation_mask([], 50, 60).any() and not data.segmentation_mask([[]], 50, 60).any()
+    assert np.array_equal(coco_masks.segmentation_mask([square], 50, 60), expected)
+    assert np.array_equal(coco_masks.segmentation_mask([square + [7]], 50, 60), expected)  # odd count: last ignored
+    assert not coco_masks.segmentation_mask([], 50, 60).any() and not coco_masks.segmentation_mask([[]], 50, 60).any()
     covering = [-100, -100, 500, -100, 500, 500, -100, 500]
-    assert data.segmentation_mask([covering], 50, 60).all()
+    assert coco_masks.segmentation_mask([covering], 50, 60).all()
     for bad in ([0, 0, float("nan"), 3, 4, 4], [0, 0, 1e9, 0, 5, 5]):  # damaged, not a polygon: no huge walk
         with pytest.raises(ValueError):
-            data.segmentation_mask([bad], 50, 60)
+            coco_masks.segmentation_mask([bad], 50, 60)
 
 
 def test_rle_decoding_equals_pycocotools():
@@ -864,8 +872,8 @@ def test_rle_decoding_equals_pycocotools():
         string = {"size": [h, w], "counts": compressed["counts"].decode()}  # as stored in the JSON
         counts = {"size": [h, w], "counts": rle_counts(mask)}  # iscrowd annotations: a list of run lengths
         assert np.array_equal(decode(coco_mask.frPyObjects(counts, h, w)), mask)
-        assert np.array_equal(data.segmentation_mask(string, h, w), mask)
-        assert np.array_equal(data.segmentation_mask(counts, h, w), mask)
+        assert np.array_equal(coco_masks.segmentation_mask(string, h, w), mask)
+        assert np.array_equal(coco_masks.segmentation_mask(counts, h, w), mask)
 
 
 def test_coco_labels_equal_pycocotools_and_cache_follows_the_rasteriser(tmp_path, monkeypatch):
@@ -875,7 +883,7 @@ def test_coco_labels_equal_pycocotools_and_cache_follows_the_rasteriser(tmp_path
     for index, image_id in enumerate((1, 2)):  # the released code's label: the first object keeps its pixels
         expected = np.zeros((50, 60), np.int64)
         for a in annotations["annotations"]:
-            if a["image_id"] == image_id and a["category_id"] in data.VOC_CLASS_OF_COCO:
+            if a["image_id"] == image_id and a["category_id"] in coco_masks.VOC_CLASS_OF_COCO:
                 segmentation = a["segmentation"]  # pycocotools' annToRLE, then decode
                 if isinstance(segmentation, list):
                     rle = coco_mask.merge(coco_mask.frPyObjects(segmentation, 50, 60))
@@ -884,12 +892,12 @@ def test_coco_labels_equal_pycocotools_and_cache_follows_the_rasteriser(tmp_path
                 else:
                     rle = segmentation
                 mask = decode(rle)
-                expected[mask & (expected == 0)] = data.VOC_CLASS_OF_COCO[a["category_id"]]
+                expected[mask & (expected == 0)] = coco_masks.VOC_CLASS_OF_COCO[a["category_id"]]
         assert torch.equal(dataset[index][1], torch.from_numpy(expected))
 
     cache = tmp_path / "annotations" / "encnet_voc_index_train2017.json"
     stored = json.loads(cache.read_text())
-    assert stored["ids"] == [1, 2] and stored["rasteriser"] == data.coco_label_version()
+    assert stored["ids"] == [1, 2] and stored["rasteriser"] == coco_masks.coco_label_version()
     cache.write_text(json.dumps({**stored, "ids": [2]}))
     assert len(data.get_dataset("coco", tmp_path, "train")) == 1  # same code, same file: believed
     monkeypatch.setattr(data, "coco_label_version", lambda: "another rasteriser")
@@ -963,7 +971,7 @@ def test_cityscapes_prefers_train_ids(tmp_path):
     assert str(train.samples[0][1]).endswith("_gtFine_labelTrainIds.png")
     assert torch.equal(train[0][1], torch.from_numpy(blocks(34, 4, (0, 18, -1))))  # 255 → ignore
     write_png(tmp_path / "gtFine/train/aachen/aachen_000000_000000_gtFine_labelTrainIds.png", blocks(34, 4, (19,)))
-    with pytest.raises(data.DataError, match="aachen_000000_000000_gtFine_labelTrainIds.png.*value 19.*0..18, 255"):
+    with pytest.raises(errors.DataError, match="aachen_000000_000000_gtFine_labelTrainIds.png.*value 19.*0..18, 255"):
         train[0]
     # some images lack them: the label ids of the download are read for all
     (tmp_path / "gtFine/train/bremen/bremen_000001_000001_gtFine_labelTrainIds.png").unlink()
@@ -972,34 +980,34 @@ def test_cityscapes_prefers_train_ids(tmp_path):
 
 
 def test_cityscapes_errors_name_the_file(tmp_path):
-    with pytest.raises(data.DataError, match="nowhere.*expected ROOT/leftImg8bit/SPLIT/CITY"):
+    with pytest.raises(errors.DataError, match="nowhere.*expected ROOT/leftImg8bit/SPLIT/CITY"):
         data.get_dataset("cityscapes", tmp_path / "nowhere", "train")
     make_cityscapes(tmp_path)
     labels = tmp_path / "gtFine" / "train" / "aachen"
     write_png(labels / "aachen_000000_000000_gtFine_labelIds.png", blocks(35, 4, (7,)))
     write_png(labels / "aachen_000000_000001_gtFine_labelIds.png", blocks(34, 4, (7, 34)))
     train = data.get_dataset("cityscapes", tmp_path, "train", mode="val")
-    with pytest.raises(data.DataError, match=r"aachen_000000_000000_gtFine_labelIds.png.*35×4.*34×4"):
+    with pytest.raises(errors.DataError, match=r"aachen_000000_000000_gtFine_labelIds.png.*35×4.*34×4"):
         train[0]
-    with pytest.raises(data.DataError, match="000001_gtFine_labelIds.png: label value 34, legal values are 0..33$"):
+    with pytest.raises(errors.DataError, match="000001_gtFine_labelIds.png: label value 34, legal values are 0..33$"):
         train[1]
 
     (labels / "aachen_000000_000001_gtFine_labelIds.png").unlink()
-    with pytest.raises(data.DataError, match="aachen_000000_000001_gtFine_labelIds.png not found.*leftImg8bit"):
+    with pytest.raises(errors.DataError, match="aachen_000000_000001_gtFine_labelIds.png not found.*leftImg8bit"):
         data.get_dataset("cityscapes", tmp_path, "train")
     write_png(labels / "aachen_000000_000001_gtFine_labelIds.png", cityscapes_ids())
     write_png(labels / "aachen_000000_000007_gtFine_labelIds.png", cityscapes_ids())  # a label without image
-    with pytest.raises(data.DataError, match="aachen_000000_000007_gtFine_labelIds.png has no image"):
+    with pytest.raises(errors.DataError, match="aachen_000000_000007_gtFine_labelIds.png has no image"):
         data.get_dataset("cityscapes", tmp_path, "train")
     (labels / "aachen_000000_000007_gtFine_labelIds.png").unlink()
     (tmp_path / "gtFine" / "train" / "ulm").mkdir()  # a city of labels without images
-    with pytest.raises(data.DataError, match="gtFine/train/ulm have no images"):
+    with pytest.raises(errors.DataError, match="gtFine/train/ulm have no images"):
         data.get_dataset("cityscapes", tmp_path, "train")
     shutil.rmtree(tmp_path / "leftImg8bit" / "val" / "frankfurt")
     shutil.rmtree(tmp_path / "gtFine" / "val" / "frankfurt")
-    with pytest.raises(data.DataError, match="no images.*leftImg8bit/val"):
+    with pytest.raises(errors.DataError, match="no images.*leftImg8bit/val"):
         data.get_dataset("cityscapes", tmp_path, "val")
-    with pytest.raises(data.DataError, match="train, val, test"):
+    with pytest.raises(errors.DataError, match="train, val, test"):
         data.get_dataset("cityscapes", tmp_path, "train_extra")
 
 
@@ -1009,18 +1017,18 @@ def test_empty_splits_are_data_errors_naming_the_folder_or_list(tmp_path):
     make_ade(tmp_path)
     for f in (tmp_path / "ADEChallengeData2016" / "images" / "validation").iterdir():
         f.unlink()
-    with pytest.raises(data.DataError, match="no images.*images/validation"):
+    with pytest.raises(errors.DataError, match="no images.*images/validation"):
         data.get_dataset("ade20k", tmp_path, "val")
     make_voc(tmp_path, "VOC2012", "SegmentationClass", "Segmentation", "val", ["a"], (0,), True)
     (tmp_path / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").write_text("\n")
-    with pytest.raises(data.DataError, match="Segmentation/val.txt is empty"):
+    with pytest.raises(errors.DataError, match="Segmentation/val.txt is empty"):
         data.get_dataset("pascal_voc", tmp_path, "val")
     coco = tmp_path / "coco"
     make_coco(coco)
     instances = coco / "annotations" / "instances_train2017.json"
     content = json.loads(instances.read_text())
     instances.write_text(json.dumps({**content, "annotations": content["annotations"][4:]}))  # none selected
-    with pytest.raises(data.DataError, match="instances_train2017.json.*1,000 pixels"):
+    with pytest.raises(errors.DataError, match="instances_train2017.json.*1,000 pixels"):
         data.get_dataset("coco", coco, "train")
 
 
@@ -1035,23 +1043,23 @@ def test_check_dataset_reports_the_first_bad_item_for_any_worker_count(tmp_path)
     (images / "ADE_35.jpg").write_bytes(b"not a jpeg")
     dataset = data.get_dataset("ade20k", tmp_path, "train")
     for workers in (1, 2):
-        with pytest.raises(data.DataError, match=r"^\S*ADE_21.png: label is 41×30 but image \S*ADE_21.jpg is 40×30$"):
+        with pytest.raises(errors.DataError, match=r"^\S*ADE_21.png: label is 41×30 but image \S*ADE_21.jpg is 40×30$"):
             data.check_dataset(dataset, workers=workers, chunk=4)
     write_png(labels / "ADE_21.png", blocks(40, 30, (1,)))
-    with pytest.raises(data.DataError, match="ADE_33.png: label value 151"):
+    with pytest.raises(errors.DataError, match="ADE_33.png: label value 151"):
         data.check_dataset(dataset, workers=2)
     write_png(labels / "ADE_33.png", blocks(40, 30, (1,)))
-    with pytest.raises(data.DataError, match="ADE_35.jpg: cannot read"):
+    with pytest.raises(errors.DataError, match="ADE_35.jpg: cannot read"):
         data.check_dataset(dataset, workers=2)
     # a truncated JPEG has a valid header: only decoding the body finds it
     jpeg = (images / "ADE_3.jpg").read_bytes()
     (images / "ADE_35.jpg").write_bytes(jpeg)
     (images / "ADE_3.jpg").write_bytes(jpeg[:len(jpeg) // 2])
-    with pytest.raises(data.DataError, match="(?i)ADE_3.jpg.*truncated"):
+    with pytest.raises(errors.DataError, match="(?i)ADE_3.jpg.*truncated"):
         data.check_dataset(dataset, workers=2)
     # a label whose image is missing from the download is found when the split is listed
     (images / "ADE_3.jpg").unlink()
-    with pytest.raises(data.DataError, match=r"ADE_3.jpg not found \(its label \S*ADE_3.png is there\)"):
+    with pytest.raises(errors.DataError, match=r"ADE_3.jpg not found \(its label \S*ADE_3.png is there\)"):
         data.get_dataset("ade20k", tmp_path, "train")
 
 
@@ -1067,7 +1075,7 @@ def test_check_dataset_accepts_every_dataset_type(tmp_path):
                                     ("cityscapes", tmp_path, "train+val+test", 8), ("cifar10", tmp_path, "val", 4)):
         assert data.check_dataset(data.get_dataset(name, root, split), workers=2, chunk=1) == size, name
     write_jpeg(tmp_path / "coco" / "train2017" / f"{2:012d}.jpg", 60, 51)  # not the annotation's size
-    with pytest.raises(data.DataError, match=r"instances_train2017.json \(image id 2\): label is 60×50 but image"):
+    with pytest.raises(errors.DataError, match=r"instances_train2017.json \(image id 2\): label is 60×50 but image"):
         data.check_dataset(data.get_dataset("coco", tmp_path / "coco", "train"), workers=1)
 
 
@@ -1081,7 +1089,7 @@ def test_non_square_crop_is_an_exact_crop_at_scale_one():
     image, label = coordinate_image(120, 90)
     flips = set()
     for seed in range(12):
-        out, out_label = data.augment_train(image, label, np.random.default_rng(seed), (40, 64), 120,
+        out, out_label = transforms.augment_train(image, label, np.random.default_rng(seed), (40, 64), 120,
                                             scale_range=(1, 1), max_rotation=0)
         assert out.size == out_label.size == (64, 40)  # (height 40, width 64) → PIL's (width, height)
         r, g = np.asarray(out)[0, 0, :2].astype(int)
@@ -1095,7 +1103,7 @@ def test_non_square_crop_is_an_exact_crop_at_scale_one():
     assert flips == {True, False}
 
     # a crop taller than the scaled image is padded below only, wider than it to the right only
-    out, out_label = data.augment_train(image, label, np.random.default_rng(0), (100, 50), 120,
+    out, out_label = transforms.augment_train(image, label, np.random.default_rng(0), (100, 50), 120,
                                         scale_range=(1, 1), max_rotation=0)
     out, out_label = asarrays(out, out_label)
     assert out.shape == (100, 50, 3) and (out_label[90:] == 255).all() and (out_label[:90] < 255).all()
@@ -1112,11 +1120,11 @@ def test_non_square_crops_through_the_dataset(tmp_path):
 
     # center: scaled to just cover the crop, then its middle. A 2:1 crop of a 4:3 image keeps the full width.
     picture, plain = coordinate_image(40, 30)
-    out, out_label = data.center_crop(picture, plain, (10, 20))
+    out, out_label = transforms.center_crop(picture, plain, (10, 20))
     box = (0, 5, 40, 25)
     assert np.array_equal(np.asarray(out), np.asarray(picture.resize((20, 10), Image.BILINEAR, box)))
     assert np.array_equal(np.asarray(out_label), np.asarray(plain.resize((20, 10), Image.NEAREST, box)))
-    out, _ = data.center_crop(picture, plain, (30, 10))  # a tall crop keeps the full height
+    out, _ = transforms.center_crop(picture, plain, (30, 10))  # a tall crop keeps the full height
     assert out.size == (10, 30) and np.asarray(out)[:, :, 1].min() == 0 and np.asarray(out)[:, :, 1].max() >= 28
 
 
@@ -1129,10 +1137,10 @@ def varied(classes, ratio):
 
 
 def test_crop_is_varied_rule():
-    assert not data.crop_is_varied(np.array([0, 0, 0, 1, -1, -1]), 0.75)  # 3/4 is not below 0.75
-    assert data.crop_is_varied(np.array([0, 0, 1, -1, -1, -1]), 0.75)      # ignored pixels do not count
-    assert not data.crop_is_varied(np.array([[3, 3], [-1, -1]]), 0.75)     # a single class
-    assert not data.crop_is_varied(np.full(5, -1), 0.75)                  # nothing labelled
+    assert not transforms.crop_is_varied(np.array([0, 0, 0, 1, -1, -1]), 0.75)  # 3/4 is not below 0.75
+    assert transforms.crop_is_varied(np.array([0, 0, 1, -1, -1, -1]), 0.75)      # ignored pixels do not count
+    assert not transforms.crop_is_varied(np.array([[3, 3], [-1, -1]]), 0.75)     # a single class
+    assert not transforms.crop_is_varied(np.full(5, -1), 0.75)                  # nothing labelled
 
 
 def test_cat_max_ratio_redraws_only_the_offset():
@@ -1159,13 +1167,13 @@ def test_cat_max_ratio_redraws_only_the_offset():
         redrawn += bool(passing) and passing[0] != offsets[0]
         fallback += not passing
 
-        out, out_label = data.augment_train(image, label, np.random.default_rng(seed), crop, w, scale_range=(1, 1),
+        out, out_label = transforms.augment_train(image, label, np.random.default_rng(seed), crop, w, scale_range=(1, 1),
                                             max_rotation=0, cat_max_ratio=0.75, label_classes=classes)
         out, out_label = asarrays(out, out_label)
         assert np.array_equal(out_label, source[:, x1:x1 + crop])
         columns = np.arange(w)[::-1] if flip else np.arange(w)
         assert np.array_equal(out[0, :, 0], columns[x1:x1 + crop])  # the image's window is the label's
-        again = data.augment_train(image, label, np.random.default_rng(seed), crop, w, scale_range=(1, 1),
+        again = transforms.augment_train(image, label, np.random.default_rng(seed), crop, w, scale_range=(1, 1),
                                    max_rotation=0, cat_max_ratio=0.75, label_classes=classes)
         assert all(np.array_equal(a, b) for a, b in zip(asarrays(*again), (out, out_label)))  # deterministic
     assert redrawn >= 10 and fallback >= 1  # both branches of the rule ran
@@ -1179,7 +1187,7 @@ def test_cat_max_ratio_default_classes_ignore_the_fill():
     def passing(cat_max_ratio):
         found = 0
         for seed in range(20):
-            _, out_label = data.augment_train(Image.new("RGB", (30, 20)), Image.fromarray(raw),
+            _, out_label = transforms.augment_train(Image.new("RGB", (30, 20)), Image.fromarray(raw),
                                               np.random.default_rng(seed), 24, 30, scale_range=(1, 1),
                                               max_rotation=0, cat_max_ratio=cat_max_ratio)
             out_label = np.asarray(out_label).astype(int)
@@ -1210,7 +1218,7 @@ class ScriptedRng:
 def test_photometric_identity_when_every_step_is_skipped():
     pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), np.uint8)
     rng = ScriptedRng(integers=[0] * 5)  # brightness off, contrast last, contrast/saturation/hue off
-    out = data.photometric_distortion(pixels, rng)
+    out = transforms.photometric_distortion(pixels, rng)
     assert np.array_equal(out, pixels) and out.dtype == np.uint8
     assert rng.calls == [("integers", 2, None)] * 5 and not rng.ints  # no value is drawn for a skipped step
 
@@ -1219,17 +1227,17 @@ def test_photometric_ranges_order_and_hue_units():
     red = np.array([[[255, 0, 0], [100, 50, 50]]], np.uint8)
     # every step on, contrast first (mode 1): brightness 0, contrast 1, saturation 1, hue −18 (= −36°)
     rng = ScriptedRng(integers=[1, 1, 1, 1, 1, -18], uniforms=[0.0, 1.0, 1.0])
-    out = data.photometric_distortion(red, rng)
+    out = transforms.photometric_distortion(red, rng)
     assert rng.calls == [("integers", 2, None), ("uniform", -32, 32), ("integers", 2, None),
                          ("integers", 2, None), ("uniform", 0.5, 1.5), ("integers", 2, None), ("uniform", 0.5, 1.5),
                          ("integers", 2, None), ("integers", -18, 18)]
     assert out[0, 0].tolist() == [255, 0, 153]  # hue 0° → 324°: red plus 3/5 blue
     # contrast last (mode 0), each step truncated to uint8: 100 + 30.6 → 130, · 1.5 → 195 (rounding: 196)
     rng = ScriptedRng(integers=[1, 0, 0, 0, 1], uniforms=[30.6, 1.5])
-    assert data.photometric_distortion(red, rng)[0, 1].tolist() == [195, 120, 120]
+    assert transforms.photometric_distortion(red, rng)[0, 1].tolist() == [195, 120, 120]
     # brightness clips at 0 and 255 before the truncation, as mmsegmentation's convert
     rng = ScriptedRng(integers=[1, 0, 0, 0, 0], uniforms=[-31.9])
-    assert data.photometric_distortion(red, rng)[0].tolist() == [[223, 0, 0], [68, 18, 18]]
+    assert transforms.photometric_distortion(red, rng)[0].tolist() == [[223, 0, 0], [68, 18, 18]]
 
 
 def hsv_step(pixels, saturation_factor=1.0, hue_shift=0.0):
@@ -1275,7 +1283,7 @@ def test_photometric_matches_a_direct_computation():
     seen = set()
     for seed in range(64):
         expected, steps = photometric_by_hand(pixels, np.random.default_rng(seed))
-        out = data.photometric_distortion(pixels, np.random.default_rng(seed))
+        out = transforms.photometric_distortion(pixels, np.random.default_rng(seed))
         difference = np.abs(out.astype(int) - expected)
         if not {"saturation", "hue"} & set(steps):
             assert difference.max() == 0, steps  # float32 math, clipped and truncated as mmsegmentation
@@ -1290,15 +1298,15 @@ def test_photometric_in_augment_train_keeps_the_padding_and_follows_the_geometry
     image, label = coordinate_image(40, 30)
     brightened = 0
     for seed in range(24):
-        out, out_label = data.augment_train(image, label, np.random.default_rng(seed), 48, 40, scale_range=(1, 1),
+        out, out_label = transforms.augment_train(image, label, np.random.default_rng(seed), 48, 40, scale_range=(1, 1),
                                             max_rotation=0, photometric=True)
-        plain, plain_label = data.augment_train(image, label, np.random.default_rng(seed), 48, 40,
+        plain, plain_label = transforms.augment_train(image, label, np.random.default_rng(seed), 48, 40,
                                                 scale_range=(1, 1), max_rotation=0)
         r = np.random.default_rng(seed)
         r.random(), r.integers(40, 40, endpoint=True), r.uniform(0, 0)  # flip, long side, angle
         r.integers(0, 0, endpoint=True), r.integers(0, 0, endpoint=True)  # the crop's offset: 48 covers 40×30
         state = r.bit_generator.state
-        expected = data.photometric_distortion(np.asarray(plain), r)  # then the distortion's draws
+        expected = transforms.photometric_distortion(np.asarray(plain), r)  # then the distortion's draws
         r.bit_generator.state = state
         brightened += bool(r.integers(2)) and r.uniform(-32, 32) > 0  # what would lift the black padding
         out = np.asarray(out)
@@ -1321,7 +1329,7 @@ def test_items_with_the_options_are_deterministic_and_worker_independent(tmp_pat
 
 def test_mmseg_cityscapes_recipe_and_option_errors(tmp_path):
     make_cityscapes(tmp_path)
-    recipe = zoo.RECIPES["mmseg_encnet_r50-d8_cityscapes_80k"]
+    recipe = recipes.RECIPES["mmseg_encnet_r50-d8_cityscapes_80k"]
     dataset = data.get_dataset("cityscapes", tmp_path, "train", recipe["crop_size"], recipe["base_size"],
                                max_rotation=recipe["max_rotation"], cat_max_ratio=recipe["cat_max_ratio"],
                                photometric=recipe["photometric"], scale_rule=recipe["random_scale"],
@@ -1331,9 +1339,9 @@ def test_mmseg_cityscapes_recipe_and_option_errors(tmp_path):
     assert (label >= 0).any() and (label[-1] == -1).all()  # 34×4 at ≥ 1024 wide is < 512 high: padded
     center = data.get_dataset("cityscapes", tmp_path, "val", mode="center", crop_size=(8, 16))[0][0]
     assert center.shape == (3, 8, 16)
-    with pytest.raises(data.UserError, match="own fixed augmentation"):
-        data.get_dataset("context", None, "val", data.CONTEXT_WIDTH, data.CONTEXT_WIDTH, photometric=True)
-    with pytest.raises(data.UserError, match="own fixed augmentation"):
+    with pytest.raises(errors.UserError, match="own fixed augmentation"):
+        data.get_dataset("context", None, "val", context_data.CONTEXT_WIDTH, context_data.CONTEXT_WIDTH, photometric=True)
+    with pytest.raises(errors.UserError, match="own fixed augmentation"):
         data.get_dataset("cifar10", tmp_path, "train", cat_max_ratio=0.75)
 
 
@@ -1341,10 +1349,10 @@ def test_context_scenes_tell_what_things_are_only_by_the_tree(tmp_path, monkeypa
     """The built-in data's premise (data.py): each panorama holds ground, water, a tree at one end and one
     scene's white things beyond it; ground, water and things have the same colours in every scene, so only the
     tree's colour tells what the things are. Large things (sheep, swans) in two scenes, small in the others."""
-    h, w, zone = data.CONTEXT_HEIGHT, data.CONTEXT_WIDTH, data.TREE_ZONE
+    h, w, zone = context_data.CONTEXT_HEIGHT, context_data.CONTEXT_WIDTH, context_data.TREE_ZONE
     areas = {}
     for i in range(60):
-        image, label = data.context_scene(np.random.default_rng([9, i]))
+        image, label = context_data.context_scene(np.random.default_rng([9, i]))
         assert image.shape == (h, w, 3) and image.dtype == np.uint8 and label.shape == (h, w)
         scene = int(label.max()) - 3  # the things' class tells the scene
         assert set(np.unique(label).tolist()) == {0, 1, 2, 3 + scene}
@@ -1352,8 +1360,8 @@ def test_context_scenes_tell_what_things_are_only_by_the_tree(tmp_path, monkeypa
         if tree.min() >= w / 2:  # mirror a panorama whose tree is on the right
             tree, things = w - 1 - tree, w - 1 - things
         # the tree's centre within `zone` of the end and its half-width ≤ 14; the things ≥ zone + 10 from it
-        assert tree.max() < zone + data.TREE_HALF_WIDTH[1] and things.min() >= zone + 10
-        for kind, rgb in ((0, data.GROUND_RGB), (1, data.WATER_RGB)):
+        assert tree.max() < zone + context_data.TREE_HALF_WIDTH[1] and things.min() >= zone + 10
+        for kind, rgb in ((0, context_data.GROUND_RGB), (1, context_data.WATER_RGB)):
             # the mean of ≥ 3,000 pixels of (rgb + N(0, 18²)) · brightness U(0.85, 1.15): the noise moves each
             # channel's ratio by std ≤ 18/√3000/60 < 0.006, clipping at 0 or 255 by less; uint8 truncation −0.5
             ratio = (image[label == kind].mean(0) + 0.5) / np.array(rgb)
@@ -1362,39 +1370,39 @@ def test_context_scenes_tell_what_things_are_only_by_the_tree(tmp_path, monkeypa
         # above 150 unless a draw is 5 σ low; every tree has a channel of at most 60 + 10 · 5, times 1.15
         assert image[label == 3 + scene].min() >= 150 and image[label == 2].mean(0).min() < 130
         areas.setdefault(scene, []).append((label == 3 + scene).mean())
-    # every scene drawn; count × π r² of data.CONTEXT_SCENES: large things ≥ 3 · π 12² = 6.6 % of a panorama,
+    # every scene drawn; count × π r² of context_data.CONTEXT_SCENES: large things ≥ 3 · π 12² = 6.6 % of a panorama,
     # small ones ≤ 6 · π 9² = 7.5 % (a disc's pixel count is within 2πr + 4 of π r²)
     assert sorted(areas) == [0, 1, 2, 3]
     large, small = (np.mean([a for s in group for a in areas[s]]) for group in ((0, 1), (2, 3)))
     assert large > 0.1 and small < 0.06 and min(min(areas[0]), min(areas[1])) > max(max(areas[2]), max(areas[3])) - 0.02
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(data, "CONTEXT_SIZES", {"train": 8, "val": 40})
-    data.save_context_samples(tmp_path / "samples.png")
+    monkeypatch.setattr(context_data, "CONTEXT_SIZES", {"train": 8, "val": 40})
+    context_data.save_context_samples(tmp_path / "samples.png")
     picture = np.asarray(Image.open(tmp_path / "samples.png"))
-    n = len(data.CONTEXT_SCENES)
+    n = len(context_data.CONTEXT_SCENES)
     assert picture.shape == (n * h + (n - 1) * 4, 2 * w + 4, 3)  # one panorama per scene
-    images, labels = data.context_split("val")
+    images, labels = context_data.context_split("val")
     first = int((labels.flatten(1).max(1).values == 3).nonzero()[0, 0])  # the first field panorama: row 0
     assert (picture[:h, :w] == images[first].permute(1, 2, 0).numpy()).all()
-    assert (picture[:h, w + 4:] == np.array(data.CONTEXT_PALETTE, np.uint8)[labels[first].numpy()]).all()
+    assert (picture[:h, w + 4:] == np.array(context_data.CONTEXT_PALETTE, np.uint8)[labels[first].numpy()]).all()
 
 
 def test_context_cache_follows_the_generator(tmp_path, monkeypatch):
     """The cache of the built-in data is keyed by the generator's source and constants: a changed constant
     generates afresh instead of reading the images the old constant drew; a damaged file is generated again."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(data, "CONTEXT_SIZES", {"train": 2, "val": 6})
-    before = data.context_split("val")[1]
+    monkeypatch.setattr(context_data, "CONTEXT_SIZES", {"train": 2, "val": 6})
+    before = context_data.context_split("val")[1]
     cached = set((tmp_path / "encnet").glob("context-val-*.npz"))
-    monkeypatch.setattr(data, "TREE_ZONE", 60)
-    labels = data.context_split("val")[1]
+    monkeypatch.setattr(context_data, "TREE_ZONE", 60)
+    labels = context_data.context_split("val")[1]
     (new_file,) = set((tmp_path / "encnet").glob("context-val-*.npz")) - cached
     assert len(cached) == 1 and not torch.equal(labels, before)
     things = (labels >= 3).any(1)  # N×W: columns holding a thing
-    w = data.CONTEXT_WIDTH
+    w = context_data.CONTEXT_WIDTH
     assert all(c.min() >= 70 or c.max() < w - 70 for c in (row.nonzero()[:, 0] for row in things))
     new_file.write_bytes(b"damaged")
-    assert torch.equal(data.context_split("val")[1], labels) and new_file.stat().st_size > 100
+    assert torch.equal(context_data.context_split("val")[1], labels) and new_file.stat().st_size > 100
 
 
 # ----------------------------------------------------------------------------- encnet.py
@@ -1485,13 +1493,13 @@ def test_pretrained_loads_strictly_from_file_and_url(tmp_path, monkeypatch):
     state["layer9.weight"] = torch.zeros(1)
     state["conv1.weight"] = torch.zeros(64, 3, 3, 3)
     torch.save(state, path)
-    with pytest.raises(zoo.CheckpointError) as error:
+    with pytest.raises(errors.CheckpointError) as error:
         zoo.load_backbone_weights(model.backbone, str(path), "resnet18")
     message = str(error.value)
     assert "layer4.1.bn2.running_var" in message and "layer9.weight" in message and "conv1.weight" in message
-    with pytest.raises(zoo.CheckpointError, match="nowhere.pth"):
+    with pytest.raises(errors.CheckpointError, match="nowhere.pth"):
         zoo.load_backbone_weights(model.backbone, str(tmp_path / "nowhere.pth"), "resnet18")
-    with pytest.raises(zoo.CheckpointError, match="no published ImageNet weights are known for resnet152s"):
+    with pytest.raises(errors.CheckpointError, match="no published ImageNet weights are known for resnet152s"):
         zoo.load_backbone_weights(encnet.resnet("resnet152s", width=8), "imagenet", "resnet152s")
 
 
@@ -1526,7 +1534,7 @@ def test_published_backbone_weights_by_name_and_as_copied_files(hub, tmp_path, m
     # a copy goes; a copy put there by hand is checked against the published hash too, refused and kept
     assert set(zoo.IMAGENET_WEIGHTS) >= {"resnet50", "resnet50s", "resnet101s", "resnet50v1c", "resnet101v1c"}
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(zoo.DownloadError) as error:
+    with pytest.raises(errors.DownloadError) as error:
         zoo.load_backbone_weights(encnet.resnet("resnet50v1c", width=8), "imagenet", "resnet50v1c")
     message = str(error.value)
     assert "https://download.openmmlab.com/pretrain/third_party/resnet50_v1c-2cccc1ad.pth" in message
@@ -1534,7 +1542,7 @@ def test_published_backbone_weights_by_name_and_as_copied_files(hub, tmp_path, m
     hub.mkdir(parents=True, exist_ok=True)
     copied = hub / "resnet50s-a75c83cf.pth"
     copied.write_bytes((tmp_path / "s.pth").read_bytes())  # not the published file
-    with pytest.raises(zoo.DownloadError, match="the published resnet50s-a75c83cf.pth has a75c83cf"):
+    with pytest.raises(errors.DownloadError, match="the published resnet50s-a75c83cf.pth has a75c83cf"):
         zoo.load_backbone_weights(encnet.resnet("resnet50s", width=8), "imagenet", "resnet50s")
     assert copied.read_bytes() == (tmp_path / "s.pth").read_bytes()  # the user's file stays where it was
 
@@ -1747,7 +1755,7 @@ def test_zoo_file_loads_strictly(name, backbone, dataset, classes, tmp_path):
     unknown = "decode_head.unknown.weight" if mmseg else "head.unknown.weight"
     del state["auxiliary_head.conv_seg.bias" if mmseg else "auxlayer.conv5.4.bias"]
     state[unknown] = torch.zeros(1)
-    with pytest.raises(zoo.CheckpointError, match=rf"missing keys in aux_head: aux_head.2.bias\n.*unexpected.*{unknown}"):
+    with pytest.raises(errors.CheckpointError, match=rf"missing keys in aux_head: aux_head.2.bias\n.*unexpected.*{unknown}"):
         zoo.load_strict(model, zoo.convert(state, rules), path)
 
 
@@ -1796,9 +1804,9 @@ def test_export_runs_in_onnxruntime_and_torch_export_with_the_models_logits(tmp_
                 backbone="resnet50s", width=8, head_width=16)
     torch.manual_seed(0)
     released = encnet.model_from_args(args).eval()
-    zoo.export(released, dict(info, classes=[str(i) for i in range(59)]), str(tmp_path / "released.onnx"))
+    export.export(released, dict(info, classes=[str(i) for i in range(59)]), str(tmp_path / "released.onnx"))
     metadata = onnxruntime.InferenceSession(str(tmp_path / "model.onnx")).get_modelmeta().custom_metadata_map
-    assert json.loads(metadata["classes"]) == list("abcde") and json.loads(metadata["mean"]) == list(data.MEAN)
+    assert json.loads(metadata["classes"]) == list("abcde") and json.loads(metadata["mean"]) == list(transforms.MEAN)
     torch.manual_seed(1)
     for net, path, classes in ((model, tmp_path / "model.onnx", 5), (released, tmp_path / "released.onnx", 59)):
         for size in ((2, 64, 96), (1, 77, 50)):  # dynamic batch, height and width; an odd size
@@ -1840,9 +1848,9 @@ def test_zoo_options():
 
 def test_unknown_file_is_named(tmp_path):
     torch.save({"weights": torch.zeros(1), "epoch": 3}, tmp_path / "other.pth")
-    with pytest.raises(zoo.CheckpointError, match="other.pth.*weights, epoch"):
+    with pytest.raises(errors.CheckpointError, match="other.pth.*weights, epoch"):
         zoo.load_model(str(tmp_path / "other.pth"))
-    with pytest.raises(zoo.CheckpointError, match="encnet_resnet50s_ade"):
+    with pytest.raises(errors.CheckpointError, match="encnet_resnet50s_ade"):
         zoo.load_model("no_such_model")
 
 
@@ -1879,7 +1887,7 @@ def test_zoo_hash_mismatch_keeps_nothing(hub, tmp_path, monkeypatch):
     sha256 = hashlib.sha256(payload.read_bytes()).hexdigest()
     monkeypatch.setattr(zoo, "MMSEG_URL", payload.parent.as_uri() + "/{config}_{stamp}.pth")
     monkeypatch.setitem(zoo.MMSEG_FILES, "mmseg_x", ("encnet_r50_x", "20200101_000000-deadbeef"))
-    with pytest.raises(zoo.DownloadError) as error:
+    with pytest.raises(errors.DownloadError) as error:
         zoo.load_model("mmseg_x")
     assert payload.name in str(error.value) and "deadbeef" in str(error.value) and sha256 in str(error.value)
     # the authors' zoo: the full SHA-1 of the unpacked .pth
@@ -1887,7 +1895,7 @@ def test_zoo_hash_mismatch_keeps_nothing(hub, tmp_path, monkeypatch):
     monkeypatch.setattr(zoo, "RELEASED_URL", (tmp_path / "served").as_uri() + "/{file}.zip")
     monkeypatch.setitem(zoo.RELEASED_SHA1, "encnet_y", "0123abcd" + "0" * 32)
     sha1 = hashlib.sha1(payload.read_bytes()).hexdigest()
-    with pytest.raises(zoo.DownloadError, match=f"encnet_y-0123abcd.pth.*{sha1}.*0123abcd0000"):
+    with pytest.raises(errors.DownloadError, match=f"encnet_y-0123abcd.pth.*{sha1}.*0123abcd0000"):
         zoo.load_model("encnet_y")
     assert list(hub.iterdir()) == []
 
@@ -1898,19 +1906,19 @@ def offline(url, dst, **kwargs):
 
 def test_zoo_name_offline(hub, monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(zoo.DownloadError) as error:
+    with pytest.raises(errors.DownloadError) as error:
         zoo.load_model("mmseg_encnet_r50-d8_ade20k_80k")
     message = str(error.value)
     assert "\n" not in message and error.value.__cause__ is None and error.value.__suppress_context__
     assert "https://download.openmmlab.com/mmsegmentation/v0.5/encnet/encnet_r50-d8_512x512_80k_ade20k/" in message
     assert str(hub / "encnet_r50-d8_512x512_80k_ade20k_20200622_042412-44b46b04.pth") in message
-    with pytest.raises(zoo.DownloadError, match="encoding/models/encnet_resnet50s_ade-07ac287c.zip"):
+    with pytest.raises(errors.DownloadError, match="encoding/models/encnet_resnet50s_ade-07ac287c.zip"):
         zoo.load_model("encnet_resnet50s_ade")
 
 
 def test_imagenet_weights_offline(hub, monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(zoo.DownloadError) as error:
+    with pytest.raises(errors.DownloadError) as error:
         zoo.load_backbone_weights(encnet.resnet("resnet18", width=8), "imagenet", "resnet18")
     message = str(error.value)
     assert "\n" not in message and "resnet18" in message and zoo.IMAGENET_WEIGHTS["resnet18"][0] in message
@@ -2106,19 +2114,19 @@ def interrupt_at(monkeypatch, iteration):
     monkeypatch.setattr(train_seg, "poly_lr", poly_lr)
 
 
-@pytest.mark.parametrize("recipe", sorted(zoo.RECIPES))
+@pytest.mark.parametrize("recipe", sorted(recipes.RECIPES))
 def test_each_published_recipe_trains_evaluates_and_resumes(recipe, recipe_data, tmp_path, monkeypatch, capsys):
     # --recipe NAME end to end on a fixture of its dataset, at tiny widths and sizes: the recipe's settings reach
     # the checkpoint, its lr is the reference schedule, eval.py evaluates it with the zoo's protocol, and a run
     # stopped by Ctrl-C and continued with a bare --resume ends with the uninterrupted weights
-    settings = zoo.RECIPES[recipe]
+    settings = recipes.RECIPES[recipe]
     dataset = settings["data"]
     sizes = (["--crop-size", "8x16", "--scale-box", "68x8"] if dataset == "cityscapes"
              else ["--crop-size", 32, "--base-size", 40])
     argv = ["--recipe", recipe, "--data-root", recipe_data[dataset], *sizes, "--width", 8, "--head-width", 16,
             "--batch-size", 4, "--pretrained", "none", "--workers", 0, "--max-iters", 2, "--save-every", 1,
             "--log-every", 0]
-    monkeypatch.setitem(seg_eval.MMSEG_TEST_BOX, dataset, (64, 32))  # tiny test scale for a tiny model
+    monkeypatch.setitem(protocols.MMSEG_TEST_BOX, dataset, (64, 32))  # tiny test scale for a tiny model
     train_seg.main([str(a) for a in argv + ["--out", tmp_path / "straight"]])
     checkpoint = zoo.read_checkpoint(tmp_path / "straight" / "checkpoint.pth")
     saved = checkpoint["args"]
@@ -2141,7 +2149,7 @@ def test_each_published_recipe_trains_evaluates_and_resumes(recipe, recipe_data,
     assert_same_weights(checkpoint["model"], weights(tmp_path / "stopped"))
 
     protocol = settings["protocol"]
-    monkeypatch.setitem(seg_eval.MMSEG_TEST_BOX, dataset, (64, 32))
+    monkeypatch.setitem(protocols.MMSEG_TEST_BOX, dataset, (64, 32))
     seg_eval.main(["--checkpoint", str(tmp_path / "straight" / "checkpoint.pth"), "--protocol", protocol,
                    "--out", str(tmp_path / "eval")])
     results = json.loads((tmp_path / "eval" / f"results_{dataset}_val_{protocol}.json").read_text())
@@ -2238,7 +2246,7 @@ def test_train_seg_end_to_end_single_process(tmp_path):
     assert checkpoint["iter"] == 3 and checkpoint["args"]["model"] == "encnet"
     assert all(isinstance(v, (str, int, float, bool, list, type(None))) for v in checkpoint["args"].values())
     table = (out / "per_class_iou.txt").read_text()
-    assert table.count("\n") == len(data.CONTEXT_CLASSES) + 4
+    assert table.count("\n") == len(context_data.CONTEXT_CLASSES) + 4
     assert "protocol repo, 3 iterations" in table.splitlines()[0]
 
     events = EventAccumulator(str(out)).Reload()
@@ -2474,8 +2482,8 @@ def test_elastic_restart_resumes_by_itself(tmp_path, two, two_process_run):
     (["--data", "ade20k", "--data-root", "{tmp}"], {}, "ade20k: .*ADEChallengeData2016"),
     (["--resume", "--out", "{tmp}/empty"], {}, "--resume: no checkpoint at"),
     (["--batch-size", "5"], {"WORLD_SIZE": "2"}, "--batch-size 5 is not divisible by the 2 processes"),
-    (["--crop-size", "400"], {}, rf"--crop-size 400 --base-size {data.CONTEXT_WIDTH}: the built-in images "
-                                 rf"\({data.CONTEXT_HEIGHT}×{data.CONTEXT_WIDTH}\) are used whole"),
+    (["--crop-size", "400"], {}, rf"--crop-size 400 --base-size {context_data.CONTEXT_WIDTH}: the built-in images "
+                                 rf"\({context_data.CONTEXT_HEIGHT}×{context_data.CONTEXT_WIDTH}\) are used whole"),
     (["--resume", "--init", "x.pth", "--out", "{tmp}"], {}, "--resume and --init contradict"),
     (["--epochs", "0"], {}, "--epochs 0: must be positive"),
     (["--max-iters", "0"], {}, "--max-iters 0: must be positive"),
@@ -2558,8 +2566,8 @@ def test_checkpoint_of_another_model_or_class_count_is_named(tmp_path, fcn_run, 
                                 tmp_path / "enc"], monkeypatch, capsys)
     assert "does not fit this model" in stderr and "enc_module" in stderr
     model = encnet.FCN(3, "resnet18", width=8, head_width=16)
-    n = len(data.CONTEXT_CLASSES)
-    with pytest.raises(zoo.CheckpointError, match=rf"head.2.weight: \({n}, 16, 1, 1\) in the checkpoint, \(3, 16, 1, 1\) here"):
+    n = len(context_data.CONTEXT_CLASSES)
+    with pytest.raises(errors.CheckpointError, match=rf"head.2.weight: \({n}, 16, 1, 1\) in the checkpoint, \(3, 16, 1, 1\) here"):
         zoo.load_strict(model, weights(fcn_run), "fcn/checkpoint.pth")
 
 
@@ -2599,8 +2607,8 @@ def test_predicted_classes_is_argmax_ties_included():
     torch.manual_seed(0)
     scores = torch.randint(0, 3, (2, 7, 33, 65)).float()  # 3 levels over 7 classes: most pixels tie
     scores[0, :, 0, 0] = 1.0  # every class ties: the first wins
-    assert torch.equal(seg_eval.predicted_classes(scores), scores.argmax(1))
-    assert seg_eval.predicted_classes(scores)[0, 0, 0] == 0
+    assert torch.equal(protocols.predicted_classes(scores), scores.argmax(1))
+    assert protocols.predicted_classes(scores)[0, 0, 0] == 0
 
 
 def test_metric_conventions_against_a_direct_computation():
@@ -2631,17 +2639,17 @@ def test_sliding_window_and_multi_scale_on_a_tiny_model():
     model = tiny(encnet.FCN, 4).eval()
     image = torch.randn(1, 3, 50, 70)
     # windows of 32 at stride 21 on a 50×70 image: overlaps averaged, each pixel covered
-    logits = seg_eval.sliding_window_logits(model, image, 32)
+    logits = protocols.sliding_window_logits(model, image, 32)
     assert logits.shape == (1, 4, 50, 70)
     # an image that fits in one window is one plain forward, unpadded
-    torch.testing.assert_close(seg_eval.sliding_window_logits(model, image, 80), model(image))
+    torch.testing.assert_close(protocols.sliding_window_logits(model, image, 80), model(image))
     # windows average where they overlap: with a model that ignores its input, every pixel gets the bias
     constant = torch.nn.Conv2d(3, 4, 1)
     with torch.no_grad():
         constant.weight.zero_()
-    torch.testing.assert_close(seg_eval.sliding_window_logits(constant, image, 32),
+    torch.testing.assert_close(protocols.sliding_window_logits(constant, image, 32),
                                constant.bias.view(1, 4, 1, 1).expand(1, 4, 50, 70))
-    probs = seg_eval.predict(model, image, 32, 48, scales=seg_eval.MULTI_SCALES, flip=True)
+    probs = protocols.predict(model, image, 32, 48, scales=protocols.MULTI_SCALES, flip=True)
     assert probs.shape == (1, 4, 50, 70)
     torch.testing.assert_close(probs.sum(1), torch.ones(1, 50, 70))
 
@@ -2801,7 +2809,7 @@ def re_search(pattern, text):
 
 # ----------------------------------------------------------------------------- eval.py: protocols and the command line
 
-PAD_VALUE = torch.tensor([-m / s for m, s in zip(data.MEAN, data.STD)]).view(1, 3, 1, 1)
+PAD_VALUE = torch.tensor([-m / s for m, s in zip(transforms.MEAN, transforms.STD)]).view(1, 3, 1, 1)
 
 
 class Recorder(torch.nn.Module):
@@ -2823,19 +2831,19 @@ def tiny_encnet(num_classes=5):
 
 def test_released_sizes_windows_and_padding_follow_the_source_arithmetic():
     # long side ceil(base·scale), short side int(x + 0.5), a square counts as wide (MultiEvalModule.forward)
-    assert [seg_eval.released_size(50, 70, 40, s) for s in seg_eval.MULTI_SCALES] == \
+    assert [protocols.released_size(50, 70, 40, s) for s in protocols.MULTI_SCALES] == \
         [(14, 20), (21, 30), (29, 40), (36, 50), (43, 60), (50, 70)]
-    assert seg_eval.released_size(70, 50, 40, 1.75) == (70, 50)
-    assert seg_eval.released_size(375, 500, 520, 1.25) == (488, 650)  # 375·650/500 = 487.5 rounds up
-    assert seg_eval.released_size(33, 33, 10, 0.75) == (8, 8)  # ceil(7.5)
+    assert protocols.released_size(70, 50, 40, 1.75) == (70, 50)
+    assert protocols.released_size(375, 500, 520, 1.25) == (488, 650)  # 375·650/500 = 487.5 rounds up
+    assert protocols.released_size(33, 33, 10, 0.75) == (8, 8)  # ceil(7.5)
     # the grid starts at 0 with stride int(2/3 crop); the last windows are clipped (then padded)
-    assert seg_eval.released_windows(60, 100, 48) == [(0, 48, 0, 48), (0, 48, 32, 80), (0, 48, 64, 100),
+    assert protocols.released_windows(60, 100, 48) == [(0, 48, 0, 48), (0, 48, 32, 80), (0, 48, 64, 100),
                                                       (32, 60, 0, 48), (32, 60, 32, 80), (32, 60, 64, 100)]
-    assert seg_eval.released_windows(480, 480, 480) == [(0, 480, 0, 480)]
+    assert protocols.released_windows(480, 480, 480) == [(0, 480, 0, 480)]
     # padding: the value a black pixel normalises to, bottom and right only
     image = torch.randn(1, 3, 5, 7)
-    padded = seg_eval.released_pad(image, 9)
-    black = data.normalize(torch.zeros(1, 3, 1, 1, dtype=torch.uint8))
+    padded = protocols.released_pad(image, 9)
+    black = transforms.normalize(torch.zeros(1, 3, 1, 1, dtype=torch.uint8))
     assert padded.shape == (1, 3, 9, 9) and torch.equal(padded[:, :, :5, :7], image)
     torch.testing.assert_close(padded[:, :, 5:, :], black.expand(1, 3, 4, 9))
     torch.testing.assert_close(padded[:, :, :, 7:], black.expand(1, 3, 9, 2))
@@ -2883,38 +2891,38 @@ def test_released_protocol_matches_a_window_by_window_computation():
     torch.manual_seed(1)
     image = torch.randn(1, 3, 50, 70)
     with torch.no_grad():
-        expected = released_reference(model, image, 32, 40, seg_eval.MULTI_SCALES)
+        expected = released_reference(model, image, 32, 40, protocols.MULTI_SCALES)
     got = seg_eval.predict_released(model, image, 32, 40, window_batch=8)  # windows and mirror images batched
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
     assert torch.equal(got.argmax(1), expected.argmax(1))
     # batching is exact up to float rounding: one window per forward gives the same scores
-    one_by_one = seg_eval.predict_released(model, image, 32, 40, window_batch=1)
+    one_by_one = protocols.predict_released(model, image, 32, 40, window_batch=1)
     assert ((got - one_by_one).abs() / one_by_one.abs()).max() < 1e-5
 
     # an image within the crop is padded to one window too, and its mirror image goes in after it
     recorder = Recorder(model)
-    seg_eval.predict_released(recorder, image, 32, 40, scales=(0.5,))
+    protocols.predict_released(recorder, image, 32, 40, scales=(0.5,))
     mirrored, window = recorder.inputs
     assert window.shape == (1, 3, 32, 32) and torch.equal(mirrored, window.flip(-1))
     torch.testing.assert_close(window[0, :, 14:, :], PAD_VALUE[0].expand(3, 18, 32))  # resized to 14×20
     torch.testing.assert_close(window[0, :, :, 20:], PAD_VALUE[0].expand(3, 32, 12))
     # on a GPU (here: asked for) the windows of a scale go in as one batch
     recorder = Recorder(model)
-    seg_eval.predict_released(recorder, image, 32, 40, scales=(1.75,), window_batch=8)
+    protocols.predict_released(recorder, image, 32, 40, scales=(1.75,), window_batch=8)
     assert [len(x) for x in recorder.inputs] == [6, 6]  # 2×3 windows (50×70), then their mirror images
     # Cityscapes has its own scales (test.py)
-    assert seg_eval.make_predictor("released", 32, 40, "cityscapes").keywords["scales"] == \
+    assert protocols.make_predictor("released", 32, 40, "cityscapes").keywords["scales"] == \
         (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25)
 
 
 def test_mmseg_sizes_follow_mmcv_rescale_size():
     # ADE20K's box (2048, 512): a typical 683×512 image is left as is, a small one scaled ×2
-    assert seg_eval.mmseg_size(512, 683, (2048, 512)) == (512, 683)
-    assert seg_eval.mmseg_size(256, 341, (2048, 512)) == (512, 682)
-    assert seg_eval.mmseg_size(700, 300, (2048, 512)) == (1195, 512)  # the short side fills the box
-    assert seg_eval.mmseg_size(1024, 2048, (2048, 1024)) == (1024, 2048)  # Cityscapes: full resolution
-    assert seg_eval.mmseg_size(1024, 2048, (1024, 512)) == (512, 1024)  # img_ratio 0.5
-    assert seg_eval.MMSEG_TEST_BOX["ade20k"] == (2048, 512) and seg_eval.MMSEG_TEST_BOX["cityscapes"] == (2048, 1024)
+    assert protocols.mmseg_size(512, 683, (2048, 512)) == (512, 683)
+    assert protocols.mmseg_size(256, 341, (2048, 512)) == (512, 682)
+    assert protocols.mmseg_size(700, 300, (2048, 512)) == (1195, 512)  # the short side fills the box
+    assert protocols.mmseg_size(1024, 2048, (2048, 1024)) == (1024, 2048)  # Cityscapes: full resolution
+    assert protocols.mmseg_size(1024, 2048, (1024, 512)) == (512, 1024)  # img_ratio 0.5
+    assert protocols.MMSEG_TEST_BOX["ade20k"] == (2048, 512) and protocols.MMSEG_TEST_BOX["cityscapes"] == (2048, 1024)
 
 
 def mmseg_reference(model, pixels, box, ratios, flip):
@@ -2929,7 +2937,7 @@ def mmseg_reference(model, pixels, box, ratios, flip):
         resized = pixels.float() if size == (h, w) else \
             F.interpolate(pixels.float(), size, mode="bilinear", align_corners=False).round()
         for mirrored in (False, True) if flip else (False,):
-            x = data.normalize(resized.flip(3) if mirrored else resized.clone())  # normalize works in place
+            x = transforms.normalize(resized.flip(3) if mirrored else resized.clone())  # normalize works in place
             probs = F.interpolate(model(x), (h, w), mode="bilinear", align_corners=False).softmax(1)
             total, views = total + (probs.flip(3) if mirrored else probs), views + 1
     return total / views
@@ -2938,10 +2946,10 @@ def mmseg_reference(model, pixels, box, ratios, flip):
 def test_mmseg_protocols_match_a_view_by_view_computation():
     model = tiny_encnet()
     pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 3, 24, 40), np.uint8))
-    image = data.normalize(pixels)
-    for ratios, flip in (((1.0,), False), (seg_eval.MULTI_SCALES, True)):
+    image = transforms.normalize(pixels)
+    for ratios, flip in (((1.0,), False), (protocols.MULTI_SCALES, True)):
         recorder = Recorder(model)
-        got = seg_eval.predict_mmseg(recorder, image, (64, 32), ratios, flip)
+        got = protocols.predict_mmseg(recorder, image, (64, 32), ratios, flip)
         with torch.no_grad():
             expected = mmseg_reference(model, pixels, (64, 32), ratios, flip)
         # (rounding to pixel levels could land one level apart where a value is a hair from x.5)
@@ -2954,16 +2962,16 @@ def test_mmseg_protocols_match_a_view_by_view_computation():
     torch.testing.assert_close(got.sum(1), torch.ones(1, 24, 40))
 
 
-def test_repo_protocol_is_todays_path_with_windows_batched():
+def test_repo_protocol_equals_its_direct_form_with_windows_batched():
     model = tiny_encnet()
     torch.manual_seed(1)
     image = torch.randn(1, 3, 50, 70)
     # windows of 32 at stride 21, the last ones shifted back to the border
-    assert seg_eval.repo_windows(50, 70, 32) == [(0, 0), (0, 21), (0, 38), (18, 0), (18, 21), (18, 38)]
-    for scales, flip in (((1.0,), False), (seg_eval.MULTI_SCALES, True)):
-        expected = bench.todays_eval_predict(model, image, 32, 48, scales, flip)  # one window per forward
+    assert protocols.repo_windows(50, 70, 32) == [(0, 0), (0, 21), (0, 38), (18, 0), (18, 21), (18, 38)]
+    for scales, flip in (((1.0,), False), (protocols.MULTI_SCALES, True)):
+        expected = direct_repo_predict(model, image, 32, 48, scales, flip)  # one window per forward
         for window_batch in (1, 3, 8):
-            got = seg_eval.predict(model, image, 32, 48, scales, flip, window_batch=window_batch)
+            got = protocols.predict(model, image, 32, 48, scales, flip, window_batch=window_batch)
             assert (got - expected).abs().max() < 1e-6
 
 
@@ -2971,8 +2979,8 @@ def test_bf16_autocast_stays_close_to_float32():
     model = tiny_encnet()
     torch.manual_seed(1)
     image = torch.randn(1, 3, 50, 70)
-    fp32 = seg_eval.predict(model, image, 32, 48)
-    bf16 = seg_eval.predict(model, image, 32, 48, amp=True)
+    fp32 = protocols.predict(model, image, 32, 48)
+    bf16 = protocols.predict(model, image, 32, 48, amp=True)
     # measured: probabilities within 6e-4, every pixel keeps its class
     assert bf16.dtype == torch.float32 and (bf16 - fp32).abs().max() < 1e-2
     assert (bf16.argmax(1) == fp32.argmax(1)).double().mean() >= 0.99
@@ -3001,9 +3009,9 @@ def fake_zoo(monkeypatch, dataset="ade20k", num_classes=150, crop=32, base=40, d
 
     def load_model(source):
         if source == "broken":
-            raise zoo.DownloadError("https://example/x.pth: download failed (no network)")
+            raise errors.DownloadError("https://example/x.pth: download failed (no network)")
         if source == "missing.pth":
-            raise zoo.CheckpointError("missing.pth: no such file, and not a zoo name")
+            raise errors.CheckpointError("missing.pth: no such file, and not a zoo name")
         loaded.append(source)
         return tiny_encnet(num_classes), dict(info)
 
@@ -3020,7 +3028,7 @@ def main_exit(argv):
 def test_cli_protocols_write_separate_tables_with_progress(tmp_path, monkeypatch, capsys):
     make_ade(tmp_path / "data", n=2)
     fake_zoo(monkeypatch, data_root=str(tmp_path / "data"))
-    monkeypatch.setitem(seg_eval.MMSEG_TEST_BOX, "ade20k", (64, 32))  # tiny box for a tiny model
+    monkeypatch.setitem(protocols.MMSEG_TEST_BOX, "ade20k", (64, 32))  # tiny box for a tiny model
     runs = {"repo": [], "repo-ms": ["--multi-scale"], "released": ["--protocol", "released"],
             "mmseg": ["--protocol", "mmseg"], "mmseg-ms": ["--protocol", "mmseg-ms"]}
     for protocol, flags in runs.items():
@@ -3037,8 +3045,8 @@ def test_cli_protocols_write_separate_tables_with_progress(tmp_path, monkeypatch
 
 
 def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
-    fake_zoo(monkeypatch, dataset="context", num_classes=len(data.CONTEXT_CLASSES), crop=data.CONTEXT_WIDTH,
-             base=data.CONTEXT_WIDTH)
+    fake_zoo(monkeypatch, dataset="context", num_classes=len(context_data.CONTEXT_CLASSES), crop=context_data.CONTEXT_WIDTH,
+             base=context_data.CONTEXT_WIDTH)
     for argv, message in ((["--checkpoint", "zoo", "--multi-scale"], "multi-scale does not apply to the built-in "
                                                                          "context data"),
                           (["--checkpoint", "zoo", "--protocol", "released"], "never learnt"),
@@ -3083,10 +3091,10 @@ def test_images_exif_empty_folders_and_unreadable_files(tmp_path, monkeypatch, c
 
 def test_label_pngs_in_each_datasets_encoding():
     pred = torch.tensor([[0, 1, 18], [2, 10, 0]])
-    ids = np.asarray(seg_eval.label_png(pred, "cityscapes"))
+    ids = np.asarray(data.label_png(pred, "cityscapes"))
     assert ids.tolist() == [[7, 8, 33], [11, 23, 7]]  # Cityscapes' official label ids, not train ids
-    assert np.asarray(seg_eval.label_png(pred, "ade20k")).tolist() == [[1, 2, 19], [3, 11, 1]]  # class + 1
-    voc = seg_eval.label_png(pred, "pascal_voc")
+    assert np.asarray(data.label_png(pred, "ade20k")).tolist() == [[1, 2, 19], [3, 11, 1]]  # class + 1
+    voc = data.label_png(pred, "pascal_voc")
     assert voc.mode == "P" and np.asarray(voc).tolist() == pred.tolist()
 
 
@@ -3132,7 +3140,7 @@ def test_checkpoints_that_cannot_be_read_say_what_the_file_is(tmp_path):
                           ("truncated", r"is a damaged or truncated torch.save file"),
                           ("notes", "is not a file written by torch.save"),
                           ("cifar", r"is a train_cifar.py checkpoint \(the CIFAR-10 classifier encnet16k64d\)")):
-        with pytest.raises(zoo.CheckpointError, match=message) as error:
+        with pytest.raises(errors.CheckpointError, match=message) as error:
             zoo.load_model(str(tmp_path / f"{name}.pth"))
         assert "\n" not in str(error.value) and "weights_only=False" not in str(error.value)
 
@@ -3143,15 +3151,15 @@ def test_phone_photo_class_map_in_bands_equals_the_full_resolution_argmax():
     model = tiny_encnet()
     torch.manual_seed(2)
     image = torch.randn(1, 3, 61, 90)
-    predictors = {protocol: seg_eval.make_predictor(protocol, 32, 40, "ade20k")
+    predictors = {protocol: protocols.make_predictor(protocol, 32, 40, "ade20k")
                   for protocol in ("repo", "repo-ms", "released")}
-    predictors["mmseg-ms"] = partial(seg_eval.mmseg_views, box=(64, 32), ratios=seg_eval.MULTI_SCALES, flip=True)
+    predictors["mmseg-ms"] = partial(protocols.mmseg_views, box=(64, 32), ratios=protocols.MULTI_SCALES, flip=True)
     for protocol, predictor in predictors.items():
         views = predictor(model, image)
-        scores = seg_eval.full_scores(views, (61, 90))
+        scores = protocols.full_scores(views, (61, 90))
         expected = scores.argmax(1)[0]
         for band_bytes in (1, 5 * 90 * 4 * 5, 1 << 30):  # one row, five rows, the whole image at a time
-            got = seg_eval.class_map(views, (61, 90), band_bytes)
+            got = protocols.class_map(views, (61, 90), band_bytes)
             differ = got != expected
             top2 = scores[0].topk(2, dim=0).values
             assert ((top2[0] - top2[1])[differ] < 1e-5 * top2[0][differ].abs().clamp_min(1)).all(), protocol
@@ -3196,7 +3204,7 @@ def test_sixteen_bit_photos_are_scaled_and_float_images_refused(tmp_path):
     photo = np.asarray(seg_eval.read_photo(tmp_path / "depth.png"))
     assert photo.shape == (30, 40, 3) and np.array_equal(photo[..., 0], (ramp >> 8).astype(np.uint8))
     Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "float.tif")
-    with pytest.raises(data.DataError, match="floating-point image, not a photo"):
+    with pytest.raises(errors.DataError, match="floating-point image, not a photo"):
         seg_eval.read_photo(tmp_path / "float.tif")
 
 
@@ -3360,7 +3368,7 @@ def test_train_cifar_two_processes_match_one(tmp_path):
 @pytest.mark.slow
 def test_bench_quick_runs_every_section(tmp_path):
     out = tmp_path / "bench.json"
-    run("bench.py", "--quick", "--json", out, *[f"--only={name}" for name in bench.SECTIONS], timeout=600)
+    run("bench.py", "--quick", "--json", out, timeout=600)  # every section
     results = json.loads(out.read_text())
     assert results["encoding"]["x_vs_six_matmuls"] > 0 and results["data"]["speedup"] > 0
     assert results["syncbn"]["sync_collectives_per_step"] == 2 and results["syncbn"]["local_collectives_per_step"] == 0
@@ -3380,14 +3388,16 @@ def test_bench_quick_runs_every_section(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_side_by_side_with_mmsegmentation_runs_on_cpu():
+def test_bench_side_by_side_with_mmsegmentation_runs_on_cpu(tmp_path):
     # the GPU section's code at --quick sizes on the CPU: mmsegmentation 1.2.2's own EncNet from its wheel
     # (model files run as they are, mmcv/mmengine answered by bench.py's stand-ins) against ours, from the
     # same weights; torch.compile and the memory statistics only run on a GPU
-    folder, why = bench.mmseg_files()
+    folder, why = mmseg_peer.mmseg_files()
     if folder is None:
         pytest.skip(why)
-    result = bench.bench_gpu_vs_mmseg(quick=True, device=torch.device("cpu"))
+    out = tmp_path / "bench.json"
+    run("bench.py", "--quick", "--device", "cpu", "--only", "gpu_vs_mmseg", "--json", out, timeout=600)
+    result = json.loads(out.read_text())["gpu_vs_mmseg"]
     for setting in ("mmseg_setting",):  # --quick runs one of the two settings
         out = result[setting]
         # one function: both compute the same convolutions, BatchNorms and Encoding in float32, the
@@ -3399,10 +3409,13 @@ def test_bench_side_by_side_with_mmsegmentation_runs_on_cpu():
         assert abs(sum(c["pct"] for c in out["profile_ours_bf16+channels_last"]["categories"].values()) - 100) < 1e-6
 
 
-def test_bench_gpu_section_runs_on_cpu():
+@pytest.mark.slow
+def test_bench_gpu_section_runs_on_cpu(tmp_path):
     # the GPU rows' code (autocast, channels_last, FLOP counting, Encoding eager vs plain) at tiny sizes,
     # on the CPU this suite has; torch.compile and the memory statistics only run on a GPU
-    result = bench.bench_gpu(quick=True, device=torch.device("cpu"))
+    out = tmp_path / "bench.json"
+    run("bench.py", "--quick", "--device", "cpu", "--only", "gpu", "--json", out, timeout=600)
+    result = json.loads(out.read_text())["gpu"]
     for label in ("fp32", "bf16", "bf16+channels_last"):
         assert result[f"{label}_images_per_s"] > 0 and result[f"{label}_TFLOP_per_s"] > 0
     assert result["GFLOP_per_step"] > 1 and result["encoding_eager_ms"] > 0

@@ -22,6 +22,7 @@ from torch.utils.tensorboard import SummaryWriter
 import data
 import encnet
 import run
+import transforms
 import zoo
 
 # Arguments that must agree between a checkpoint and the command that resumes it.
@@ -86,7 +87,7 @@ def test_top1(model, dataset, rank, world, device, args):
     with torch.no_grad():
         for images, labels in DataLoader(subset, batch_size=256, num_workers=args.workers,
                                          worker_init_fn=run.loader_worker_signals):  # also runs inside training
-            images = data.normalize(images.to(device), data.CIFAR_MEAN, data.CIFAR_STD)
+            images = transforms.normalize(images.to(device), data.CIFAR_MEAN, data.CIFAR_STD)
             labels = labels.to(device)
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                 logits = model(images.contiguous(memory_format=memory_format))
@@ -148,7 +149,7 @@ def train(args):
         for it, (images, labels) in run.batches(train_set, sampler, plan, start, args.workers, device):
             run.seed_step(args.seed, it, rank)  # EncodingDrop's draws depend only on (seed, iteration, rank)
             lr = cosine_lr(optimizer, args.lr, it, plan.total_iters)
-            images = data.normalize(images.to(device, non_blocking=True), data.CIFAR_MEAN, data.CIFAR_STD)
+            images = transforms.normalize(images.to(device, non_blocking=True), data.CIFAR_MEAN, data.CIFAR_STD)
             labels = labels.to(device, non_blocking=True)
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                 logits = net(images.contiguous(memory_format=memory_format))

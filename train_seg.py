@@ -19,45 +19,22 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
+import context_data
 import data
 import encnet
+import protocols
+import recipes
 import run
+import transforms
 import zoo
-from eval import SegMetric, colorize, evaluate, make_predictor, per_class_table, predict, predicted_classes
-
-# Each dataset's recipe: the paper's (Sec. 3.1) for the datasets it trained on, mmsegmentation's for
-# Cityscapes, a CPU-sized one for the built-in data. A flag left unset takes its dataset's value;
-# --recipe NAME takes a published model's instead (zoo.RECIPES).
-PAPER_RECIPE = dict(batch_size=16, crop_size=480, base_size=520, random_scale="long", scale_box=None, blur=False,
-                    backbone="resnet50",
-                    pretrained="imagenet", width=64, head_width=512, head_lr_mult=1.0, workers=8, weight_decay=1e-4,
-                    min_lr=0.0, poly_horizon="iters", max_iters=None, aux=False, aux_weight=0.2, lateral=False,
-                    residual_gate=False, stage3_encoding=True, align_corners=False, dropout2d=False, max_rotation=10.0,
-                    cat_max_ratio=None, photometric=False, pad="black", loss_mean="labelled", loss_group=0,
-                    protocol="repo")
-DEFAULTS = {
-    "ade20k": dict(PAPER_RECIPE, lr=0.01, epochs=120),
-    "pcontext": dict(PAPER_RECIPE, lr=0.001, epochs=50),
-    "pascal_voc": dict(PAPER_RECIPE, lr=0.001, epochs=50),
-    "pascal_aug": dict(PAPER_RECIPE, lr=0.001, epochs=50),
-    # COCO pretraining for VOC (Sec. 3.3): base lr 0.01 per the paper; it does not give the epochs.
-    "coco": dict(PAPER_RECIPE, lr=0.01, epochs=30),
-    # the paper has no Cityscapes recipe: mmsegmentation's EncNet-R50 one (zoo.RECIPES), with torchvision's
-    # ResNet-50 (--recipe mmseg_encnet_r50-d8_cityscapes_80k takes its ResNetV1c and open-mmlab's weights)
-    "cityscapes": None,  # filled in below from zoo.RECIPES
-    "context": dict(PAPER_RECIPE, lr=0.02, epochs=3, crop_size=data.CONTEXT_WIDTH, base_size=data.CONTEXT_WIDTH,
-                    head_lr_mult=10.0, backbone="resnet18", pretrained=None, width=16, head_width=64, workers=0),
-}
-DEFAULTS["cityscapes"] = {**PAPER_RECIPE, **zoo.RECIPES["mmseg_encnet_r50-d8_cityscapes_80k"],
-                          "backbone": "resnet50", "epochs": None, "workers": 8}
+from metric import SegMetric, evaluate, per_class_table
+from protocols import make_predictor, predict, predicted_classes
 
 # Arguments that define a run: a --resume that gives one of them must give the checkpoint's value.
 RUN_DEFINING = (*encnet.ARCHITECTURE, "data", "split", "batch_size", "epochs", "max_iters", "lr", "min_lr",
                 "poly_horizon", "head_lr_mult", "momentum", "weight_decay", "crop_size", "base_size", "random_scale",
                 "scale_box", "blur", "max_rotation", "cat_max_ratio", "photometric", "pad", "seed", "se_weight",
                 "aux_weight", "loss_mean", "loss_group", "recipe")
-# Shown by --help and printed at the start of a run.
-RECIPE_KEYS = ("lr", "epochs", "max_iters", "batch_size", "crop_size", "base_size", "backbone", "pretrained")
 
 
 def size(text):
@@ -71,29 +48,15 @@ def size(text):
     return sizes[0] if len(sizes) == 1 else sizes
 
 
-def show(value):
-    return "x".join(map(str, value)) if isinstance(value, list) else str(value)
-
-
-def recipe_table():
-    """The per-dataset defaults and the published recipes, for --help."""
-    rows = [f"  {'':<36}" + "".join(f"{k:>13}" for k in RECIPE_KEYS)]
-    for title, recipes in (("--data", DEFAULTS), ("--recipe", zoo.RECIPES)):
-        rows += [f"  {title} {name:<{35 - len(title)}}" + "".join(f"{show(recipe.get(k)):>13}" for k in RECIPE_KEYS)
-                 for name, recipe in recipes.items()]
-    return ("defaults of the flags left unset, per dataset (the paper's recipe; loader workers capped at the CPU "
-            "cores) and per published model (--recipe: sources in zoo.RECIPES):\n" + "\n".join(rows))
-
-
 def get_args(argv=None):
     """The run's arguments: the command line, then --resume's checkpoint, then the recipe for what is unset;
     checked (check_args) before any work."""
-    p = argparse.ArgumentParser(description=__doc__, epilog=recipe_table(), formatter_class=run.HelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__, epilog=recipes.recipe_table(), formatter_class=run.HelpFormatter,
                                 allow_abbrev=False)
     recipe_flag = argparse.BooleanOptionalAction  # --x / --no-x, default from the recipe
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="context", choices=sorted(DEFAULTS), help="dataset (context: built in, no download)")
-    g.add_argument("--recipe", choices=sorted(zoo.RECIPES),
+    g.add_argument("--data", default="context", choices=sorted(recipes.DATASET_RECIPES), help="dataset (context: built in, no download)")
+    g.add_argument("--recipe", choices=sorted(recipes.RECIPES),
                    help="train a published model as it was trained (its dataset, model, schedule, loss, "
                         "augmentation and evaluation; see the table below)")
     g.add_argument("--data-root", help="folder holding the dataset in its standard layout (real datasets)")
@@ -173,7 +136,7 @@ def get_args(argv=None):
         saved = zoo.read_checkpoint(os.path.join(args.out, "checkpoint.pth"))["args"]
         for note in run.continue_run(args, saved, explicit, RUN_DEFINING):
             run.warn(note)
-    recipe = zoo.RECIPES[args.recipe] if args.recipe else DEFAULTS[args.data]
+    recipe = recipes.RECIPES[args.recipe] if args.recipe else recipes.DATASET_RECIPES[args.data]
     if args.recipe:
         if "data" in explicit and args.data != recipe["data"]:
             run.fail(f"--recipe {args.recipe} trains on {recipe['data']}, not --data {args.data}")
@@ -203,9 +166,9 @@ def check_args(args):
         run.fail(f"--loss-group {args.loss_group}: must divide --batch-size {args.batch_size} (0: the whole batch)")
     if args.random_scale == "box" and not args.scale_box:
         run.fail("--random-scale box needs --scale-box LONGxSHORT (mmsegmentation's ADE20K: 2048x512)")
-    if args.data == "context" and (args.crop_size, args.base_size) != (data.CONTEXT_WIDTH, data.CONTEXT_WIDTH):
+    if args.data == "context" and (args.crop_size, args.base_size) != (context_data.CONTEXT_WIDTH, context_data.CONTEXT_WIDTH):
         run.fail(f"--crop-size {args.crop_size} --base-size {args.base_size}: the built-in images "
-                 f"({data.CONTEXT_HEIGHT}×{data.CONTEXT_WIDTH}) are used whole, both must be {data.CONTEXT_WIDTH}")
+                 f"({context_data.CONTEXT_HEIGHT}×{context_data.CONTEXT_WIDTH}) are used whole, both must be {context_data.CONTEXT_WIDTH}")
     if args.data != "context" and not args.data_root:
         run.fail(f"--data {args.data} needs --data-root (the folder holding the dataset)")
     if args.data_root and not os.path.isdir(args.data_root):
@@ -337,10 +300,10 @@ def validation_images(model, dataset, device, args, count=4):
     strips = []
     for i in range(min(count, len(dataset))):
         image, label = dataset[i]
-        probs = predict(model, data.normalize(image[None].to(device)), zoo.eval_crop(args.crop_size, args.base_size),
+        probs = predict(model, transforms.normalize(image[None].to(device)), protocols.eval_crop(args.crop_size, args.base_size),
                         args.base_size, amp=args.amp)
         pred = predicted_classes(probs)[0].cpu()
-        strips.append(torch.cat([image, colorize(label, palette), colorize(pred, palette)], 2))
+        strips.append(torch.cat([image, data.colorize(label, palette), data.colorize(pred, palette)], 2))
     return strips
 
 
@@ -355,7 +318,7 @@ def quick_validation(model, dataset, rank, world, device, args):
     with torch.no_grad():
         for images, labels in loader:
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-                logits = model(data.normalize(images.to(device)))
+                logits = model(transforms.normalize(images.to(device)))
             metric.update(predicted_classes(logits).cpu(), labels)
     metric.all_reduce()
     model.train()
@@ -365,7 +328,7 @@ def quick_validation(model, dataset, rank, world, device, args):
 def final_evaluation(model, dataset, rank, world, device, args, writer, it):
     """Whole images with the recipe's protocol (single-scale for 'repo' and 'mmseg', the authors' multi-scale for
     'released') → results.json, per_class_iou.txt, TensorBoard. → (pixAcc, mIoU)."""
-    crop = zoo.eval_crop(args.crop_size, args.base_size)
+    crop = protocols.eval_crop(args.crop_size, args.base_size)
     predictor = make_predictor(args.protocol, crop, args.base_size, args.data, amp=args.amp)
     metric = evaluate(model, dataset, data.shard_indices(len(dataset), rank, world), device, predictor)
     metric.all_reduce()
@@ -394,7 +357,7 @@ def describe(args, plan, world, device, start, num_images):
     pretrained = args.pretrained or "no pretraining"
     return (f"{args.model} on {args.data} ({num_images} train images, {args.num_classes} classes), {world} process(es) "
             f"on {device.type}, {plan.total_iters} iterations from {start}\n"
-            f"recipe ({recipe}): {args.backbone} ({pretrained}), batch {args.batch_size}, crop {show(args.crop_size)}, "
+            f"recipe ({recipe}): {args.backbone} ({pretrained}), batch {args.batch_size}, crop {recipes.show(args.crop_size)}, "
             f"lr {args.lr:g} (head ×{args.head_lr_mult:g}, poly to {args.min_lr:g}), weight decay {args.weight_decay:g}, "
             f"momentum {args.momentum:g}, SE-loss {args.se_weight if args.se_loss and args.model == 'encnet' else 'off'}, "
             f"aux {args.aux_weight if args.aux else 'off'}, loss mean over {args.loss_mean} pixels"
@@ -447,7 +410,7 @@ def train(args):
         for it, (images, labels) in run.batches(train_set, sampler, plan, start, args.workers, device):
             run.seed_step(args.seed, it, rank)  # dropout's draws depend only on (seed, iteration, rank)
             lr = poly_lr(optimizer, args.lr, it, horizon, args.min_lr)
-            images = data.normalize(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+            images = transforms.normalize(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
             loss, terms, grad_norm = train_step(net, optimizer, images, labels.to(device, non_blocking=True), args,
                                                 world, rank)
             book.after_step(it + 1, loss=loss, **terms, grad_norm=grad_norm, lr=lr)

@@ -5,9 +5,9 @@
     load_strict            load_state_dict(strict=True) with an error naming what differs
     load_backbone_weights  ImageNet weights into a backbone: published ones by name, a path or a URL
     fetch                  a file downloaded once into torch.hub's cache; its published hash checked on every use
-    eval_crop              the evaluation window of a model trained with a given crop
-    export                 the model as an ONNX file or a torch.export program, classes in its metadata
-    RECIPES                how each published model was trained, as train_seg.py's flags (--recipe NAME)
+    eval_sizes             the sizes a zoo file is evaluated at, as the code that made it
+
+How each published model was trained: recipes.py. Its export for deployment: export.py.
 
 The published EncNets differ from the paper's model in a few switches, all constructor options of
 encnet.EncNet (see zoo_model_args): the authors' zoo upsamples with align_corners=True; neither zoo has
@@ -16,7 +16,6 @@ and uses the ResNetV1c stem. Both zoos store the Encoding layer's smoothing fact
 flips the sign, so `layers.Encoding` keeps the paper's convention.
 """
 import hashlib
-import json
 import os
 import pickle
 import shutil
@@ -26,15 +25,8 @@ import torch
 
 import data
 import encnet
-from data import UserError
-
-
-class DownloadError(UserError):
-    """A download failed, or a file's hash differs from the published one. The message is one line."""
-
-
-class CheckpointError(UserError):
-    """A file that is not a checkpoint this project can read, or whose weights do not fit the model."""
+import protocols
+from errors import CheckpointError, DownloadError
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -166,7 +158,7 @@ def fetch(url, filename, check=None):
 # torchvision's (IMAGENET1K_V1, what the paper-era models started from) and open-mmlab's end their file
 # names in the first 8 hex digits of the file's SHA-256; the authors' serve a zip whose .pth has a SHA-1.
 TORCHVISION_URL = "https://download.pytorch.org/models/{file}"
-RELEASED_BACKBONE_URL = "https://s3.us-west-1.wasabisys.com/encoding/models/{file}.zip"
+RELEASED_URL = "https://s3.us-west-1.wasabisys.com/encoding/models/{file}.zip"  # backbones and zoo alike
 OPENMMLAB_URL = "https://download.openmmlab.com/pretrain/third_party/{file}"
 
 
@@ -177,7 +169,7 @@ def _named(url_format, file):
 
 def _released(name, sha1):
     stem = f"{name}-{sha1[:8]}"
-    return RELEASED_BACKBONE_URL.format(file=stem), stem + ".pth", ("sha1", sha1)
+    return RELEASED_URL.format(file=stem), stem + ".pth", ("sha1", sha1)
 
 
 IMAGENET_WEIGHTS = {
@@ -241,8 +233,7 @@ def load_backbone_weights(backbone, source, name):
 # ----------------------------------------------------------------------------- the model zoos
 
 # The authors' zoo: name → SHA-1 of the .pth. The URL serves a zip `{name}-{sha1[:8]}.zip` holding
-# `{name}-{sha1[:8]}.pth`; the released code checks the full SHA-1, so does `download`.
-RELEASED_URL = "https://s3.us-west-1.wasabisys.com/encoding/models/{file}.zip"
+# `{name}-{sha1[:8]}.pth` (at RELEASED_URL); the released code checks the full SHA-1, so does `download`.
 RELEASED_SHA1 = {
     "encnet_resnet50s_pcontext": "4de91d5922d4d3264f678b663f874da72e82db00",
     "encnet_resnet101s_pcontext": "9f27ea13d514d7010e59988341bcbd4140fcc33d",
@@ -406,12 +397,6 @@ def eval_sizes(fmt, dataset, backbone):
     return (2048, 2048) if dataset == "cityscapes" else (683, 683)
 
 
-def eval_crop(crop_size, base_size):
-    """The window of whole-image evaluation for a model trained on `crop_size` crops: the crop itself; after
-    non-square crops (Cityscapes' 512×1024) the whole image at base size, as mmsegmentation evaluates it."""
-    return crop_size if isinstance(crop_size, int) else base_size
-
-
 def class_names(dataset, num_classes, meta):
     """(classes, palette): the file's own (mmsegmentation's meta) where it has them, else the dataset's
     from classes.json, else numbered classes with distinct colours."""
@@ -450,7 +435,7 @@ def load_model(source):
         model, state = encnet.model_from_args(args), checkpoint["model"]
         info = dict(dataset=args["data"], num_classes=args["num_classes"], classes=checkpoint["classes"],
                     palette=checkpoint["palette"], base_size=args["base_size"],
-                    crop_size=eval_crop(args["crop_size"], args["base_size"]),
+                    crop_size=protocols.eval_crop(args["crop_size"], args["base_size"]),
                     backbone=args["backbone"], data_root=args.get("data_root"), args=args)
     else:
         if fmt == "mmseg":  # 'meta' also describes the run (config, versions); 'optimizer' is training state
@@ -468,107 +453,3 @@ def load_model(source):
     load_strict(model, state, path)
     name = source if is_zoo_name else os.path.splitext(os.path.basename(path))[0]
     return model.eval(), {"format": fmt, "name": name, "source": source, "path": path, **info}
-
-
-
-# ----------------------------------------------------------------------------- export for deployment
-
-def export_metadata(info):
-    """What a runtime needs besides the graph: the input's convention, classes, palette, sizes (plain strings)."""
-    return {"encnet_input": "B×3×H×W float32, RGB in [0, 1] normalised by mean and std (ImageNet), any H, W ≥ 32",
-            "encnet_output": "B×K×H×W float32 logits; the class of a pixel is the argmax over K",
-            "mean": json.dumps(data.MEAN), "std": json.dumps(data.STD), "classes": json.dumps(info["classes"]),
-            "palette": json.dumps(info["palette"]), "dataset": str(info["dataset"]), "source": str(info["source"]),
-            "crop_size": json.dumps(info["crop_size"]), "base_size": json.dumps(info["base_size"])}
-
-
-def export(model, info, path, example_size=(256, 256)):
-    """The eval-mode model as a graph for runtimes without this code: path ending in .onnx → ONNX (opset 18,
-    torch.onnx's dynamo exporter; needs the optional packages onnx and onnxscript), .pt2 → a torch.export
-    program (torch.export.load(path).module() runs it). Batch, height and width are dynamic; the metadata of
-    export_metadata is the ONNX model's metadata_props, or extra_files['encnet.json'] of the .pt2. Written
-    to a temporary name, then renamed: an interrupted export leaves no half file."""
-    images = torch.randn(2, 3, *example_size)
-    dims = {"images": {0: torch.export.Dim("batch", min=1, max=1024), 2: torch.export.Dim("height", min=32, max=8192),
-                       3: torch.export.Dim("width", min=32, max=8192)}}
-    partial = f"{path}.{os.getpid()}.partial"
-    model = model.eval()
-    try:
-        if path.endswith(".onnx"):
-            try:
-                program = torch.onnx.export(model, (images,), dynamo=True, input_names=["images"],
-                                            output_names=["logits"], dynamic_shapes=dims, verbose=False)
-            except ModuleNotFoundError as e:  # torch imports the exporter's packages only when asked to export
-                raise UserError(f"--export {path}: ONNX export needs the optional packages onnx and onnxscript "
-                                f"({e.name} is missing): pip install onnx onnxscript") from None
-            program.model.metadata_props.update(export_metadata(info))
-            program.save(partial)
-        elif path.endswith(".pt2"):
-            program = torch.export.export(model, (images,), dynamic_shapes=dims)
-            torch.export.save(program, partial, extra_files={"encnet.json": json.dumps(export_metadata(info))})
-        else:
-            raise UserError(f"--export {path}: name it *.onnx (ONNX) or *.pt2 (torch.export)")
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-
-
-# ----------------------------------------------------------------------------- the recipes behind the published models
-
-# The authors' train.py at the revision that published the zoo's four files and their numbers (PyTorch-Encoding
-# v0.5.0, f891919: experiments/segmentation/{train,option}.py, encoding/datasets/base.py _sync_transform,
-# encoding/nn/customize.py SegmentationLosses, encoding/parallel.py DataParallelCriterion, encoding/utils/
-# lr_scheduler.py), run as its docs say: `train.py --dataset X --model EncNet --aux --se-loss [--backbone
-# resnet101]` on 4 GPUs. Later revisions changed defaults (final ac74841: ADE20K lr 0.004 for 180 epochs, the
-# long side drawn, no blur, Dropout instead of Dropout2d); those are flags here.
-RELEASED_RECIPE = dict(
-    batch_size=16, crop_size=480, base_size=520,      # train.py's defaults
-    random_scale="short", scale_box=None, blur=True,  # flip; short side random integer in [0.5, 2] × base,
-    max_rotation=0.0, cat_max_ratio=None, photometric=False, pad="black",  # long side int(); zero padding;
-    # random crop; Gaussian blur (p ½, radius U(0, 1)); no rotation in this revision
-    weight_decay=1e-4, head_lr_mult=10.0,             # SGD momentum 0.9; `head` and `auxlayer` at 10 × lr
-    min_lr=0.0, poly_horizon="iters", max_iters=None,  # poly per iteration, lr·(1 − T/N)^0.9, no warm-up
-    aux=True, aux_weight=0.2, residual_gate=True, stage3_encoding=False, align_corners=True, dropout2d=True,
-    lateral=False, loss_mean="labelled", loss_group=4,  # per GPU (4 images): CE over its labelled pixels
-    # + 0.2 aux CE + 0.2 SE BCE, averaged over the GPUs (DataParallelCriterion)
-    protocol="released", pretrained="imagenet", width=64, head_width=512, workers=8)
-# mmsegmentation 1.2.2: configs/encnet/encnet_r{50,101}-d8_4xb4-{80k,160k}_ade20k-512x512.py and
-# encnet_r{50,101}-d8_4xb2-80k_cityscapes-512x1024.py with their _base_ files (models/encnet_r50-d8.py,
-# datasets/{ade20k,cityscapes}.py, schedules/schedule_{80k,160k}.py, default_runtime.py).
-MMSEG_RECIPE = dict(
-    batch_size=16, crop_size=512, base_size=683,      # 4 GPUs × 4; base: the long side of eval.py's windows
-    random_scale="box", scale_box=[2048, 512], blur=False,  # RandomResize
-    max_rotation=0.0, cat_max_ratio=0.75, photometric=True, pad="mean",
-    # (ratio 0.5–2, keep ratio), RandomCrop (cat_max_ratio 0.75), RandomFlip, PhotoMetricDistortion, pad after
-    # normalisation with 0 (labels 255)
-    lr=0.01, weight_decay=5e-4, head_lr_mult=1.0,    # SGD momentum 0.9, weight decay on every tensor
-    min_lr=1e-4, poly_horizon="iters", epochs=None,  # poly power 0.9 to 1e-4 by iteration, over max_iters:
-    # mmcv 1.x's PolyLrUpdaterHook, which trained the zoo's files (mmseg 0.5); 1.x's PolyLR ends one earlier
-    # (--poly-horizon iters-1)
-    aux=True, aux_weight=0.4, residual_gate=True, stage3_encoding=False, align_corners=False, dropout2d=True,
-    lateral=False, loss_mean="all", loss_group=0,    # CE avg_non_ignore=False: Σ labelled / all pixels
-    protocol="mmseg", pretrained="imagenet", width=64, head_width=512, workers=8)
-RECIPES = {
-    "encnet_resnet50s_pcontext": dict(RELEASED_RECIPE, data="pcontext", backbone="resnet50s", lateral=True,
-                                      lr=0.001, epochs=80),
-    "encnet_resnet101s_pcontext": dict(RELEASED_RECIPE, data="pcontext", backbone="resnet101s", lateral=True,
-                                       lr=0.001, epochs=80),
-    "encnet_resnet50s_ade": dict(RELEASED_RECIPE, data="ade20k", backbone="resnet50s", lr=0.01, epochs=120),
-    # evaluated at base 640 / crop 576 (get_encnet_resnet101_ade, committed with the file); the training sizes
-    # are not recorded: these, so that it trains at the scale it is tested at (the 2018 ADE20K log: 608 / 576)
-    "encnet_resnet101s_ade": dict(RELEASED_RECIPE, data="ade20k", backbone="resnet101s", lr=0.01, epochs=120,
-                                  base_size=640, crop_size=576),
-    "mmseg_encnet_r50-d8_ade20k_80k": dict(MMSEG_RECIPE, data="ade20k", backbone="resnet50v1c", max_iters=80000),
-    "mmseg_encnet_r101-d8_ade20k_80k": dict(MMSEG_RECIPE, data="ade20k", backbone="resnet101v1c", max_iters=80000),
-    "mmseg_encnet_r50-d8_ade20k_160k": dict(MMSEG_RECIPE, data="ade20k", backbone="resnet50v1c", max_iters=160000),
-    "mmseg_encnet_r101-d8_ade20k_160k": dict(MMSEG_RECIPE, data="ade20k", backbone="resnet101v1c",
-                                             max_iters=160000),
-    # 4 GPUs × 2 images, 2048×1024 images scaled by 0.5–2 (RandomResize), crops of 512×1024
-    "mmseg_encnet_r50-d8_cityscapes_80k": dict(MMSEG_RECIPE, data="cityscapes", backbone="resnet50v1c",
-                                               max_iters=80000, batch_size=8, crop_size=[512, 1024],
-                                               base_size=2048, scale_box=[2048, 1024]),
-    "mmseg_encnet_r101-d8_cityscapes_80k": dict(MMSEG_RECIPE, data="cityscapes", backbone="resnet101v1c",
-                                                max_iters=80000, batch_size=8, crop_size=[512, 1024],
-                                                base_size=2048, scale_box=[2048, 1024]),
-}
