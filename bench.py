@@ -12,7 +12,8 @@ machine. Sections (--only NAME runs one):
     train         training images/s of EncNet and FCN on the built-in data (train_seg.py defaults); the loop's
                   host syncs: numbers read every step vs kept on the device and read every 10 steps
     cifar         training images/s of the four Table-6 networks, i.e. the CPU time of one epoch
-    coco          COCO polygon → mask, masks/s of data.py's NumPy rasteriser vs pycocotools' C (same masks)
+    coco          COCO polygon → mask, masks/s of coco_masks.py's NumPy rasteriser vs pycocotools' C (same masks)
+    resize        OpenCV's bilinear in NumPy (cv_resize, mmsegmentation's protocol and recipes) vs F.interpolate + round
     eval          eval.py's evaluation images/s, single- and multi-scale: windows batched (on a GPU) vs the
                   former one-window-at-a-time path (same probabilities up to rounding), bf16 on a GPU
     photo         eval.py --images on a 4000×3000 photo: peak memory and time against a photo at model scale
@@ -49,7 +50,7 @@ import run
 import syncbn
 import train_seg
 import zoo
-from bench_inference import bench_coco, bench_cpu_bf16, bench_data, bench_eval, bench_export, bench_photo
+from bench_inference import bench_coco, bench_cpu_bf16, bench_data, bench_eval, bench_export, bench_photo, bench_resize
 from measure import cpu_model, device_peak, peak_bytes, profile_table, timeit, timeit_alternating
 from mmseg_peer import CACHE, MmsegEncNet, load_mmseg, mmseg_files, mmseg_step
 
@@ -512,7 +513,7 @@ def side_by_side(device, size, batch, width, head_width, mmseg_folder, block, re
 
 
 SECTIONS = {"encoding": bench_encoding, "models": bench_models, "data": bench_data, "syncbn": bench_syncbn,
-            "train": bench_train, "cifar": bench_cifar, "coco": bench_coco, "gpu": bench_gpu,
+            "train": bench_train, "cifar": bench_cifar, "coco": bench_coco, "resize": bench_resize, "gpu": bench_gpu,
             "gpu_vs_mmseg": bench_gpu_vs_mmseg, "eval": bench_eval, "photo": bench_photo,
             "cpu_bf16": bench_cpu_bf16, "export": bench_export}
 

@@ -1,4 +1,4 @@
-"""Benchmarks of the data and inference paths, sections of bench.py: data, coco, eval, photo, cpu_bf16, export.
+"""Benchmarks of the data and inference paths, sections of bench.py: data, coco, resize, eval, photo, cpu_bf16, export.
 
 Each is a ratio against its alternative measured in the same run (see bench.py); `python bench.py --only NAME`.
 """
@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageOps
 
 import coco_masks
+import cv_resize
 import context_data
 import data
 import encnet
@@ -309,3 +310,56 @@ def bench_export(quick):
             "eager_ms": 1e3 * times["eager"], "onnxruntime_ms": 1e3 * times["onnxruntime"],
             "onnxruntime_speedup": times["eager"] / times["onnxruntime"],
             "max_logit_difference_rel": ((theirs - ours).abs().max() / ours.abs().max()).item()}
+
+
+def bench_resize(quick):
+    """mmsegmentation's resize (OpenCV's bilinear, bit for bit: cv_resize.resize_linear) against the
+    F.interpolate(bilinear)-then-round it replaced, on uint8 images.
+
+    Both paths take an H x W x 3 uint8 numpy array and return one (conversions included).
+    They are timed alternately in the same loop; figures are medians over the repeats.
+    Also reports the fraction of output values where interpolate-then-round differs from
+    cv_resize (which equals cv2.resize INTER_LINEAR bit for bit).
+    """
+    repeats = 5 if quick else 21
+    rng = np.random.default_rng(34)
+
+    def photo_like(h, w):
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        base = 90 + 70 * yy / (h - 1) + 50 * xx / (w - 1) + 30 * np.sin(xx / 7.0) * np.cos(yy / 11.0)
+        img = np.stack([base + 25 * c - 20 * np.cos((xx + yy) / (9.0 + c)) for c in range(3)], -1)
+        img += rng.normal(0, 6, img.shape).astype(np.float32)
+        return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+    def interpolate_round(img, size):
+        t = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+        f = torch.nn.functional.interpolate(t, size=size, mode="bilinear",
+                                            align_corners=False, antialias=False)
+        return f[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
+
+    cases = [("427x640->512x767", (427, 640), (512, 767)),
+             ("1024x1366->512x683", (1024, 1366), (512, 683))]
+    figures = {"repeats": repeats, "torch_threads": torch.get_num_threads()}
+    for name, (h, w), size in cases:
+        img = photo_like(h, w)
+        ours = cv_resize.resize_linear(img, size)          # warm-up + reference output
+        naive = interpolate_round(img, size)
+        t_ours, t_naive = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            cv_resize.resize_linear(img, size)
+            t1 = time.perf_counter()
+            interpolate_round(img, size)
+            t2 = time.perf_counter()
+            t_ours.append(t1 - t0)
+            t_naive.append(t2 - t1)
+        m_ours, m_naive = float(np.median(t_ours)), float(np.median(t_naive))
+        figures[name] = {
+            "cv_resize_ms": round(1e3 * m_ours, 3),
+            "interpolate_ms": round(1e3 * m_naive, 3),
+            "ratio cv_resize / interpolate": round(m_ours / m_naive, 3),
+            "frac_values_differ": round(float(np.mean(naive != ours)), 4),
+            "max_abs_diff": int(np.abs(naive.astype(np.int16) - ours).max()),
+        }
+    return figures
+

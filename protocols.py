@@ -16,7 +16,7 @@ Protocols (eval.py --protocol), each the test-time procedure behind a set of pub
             scales are summed at the original resolution. mIoU counts a class absent from labels and
             predictions as 0. PASCAL-Context's 60-class figure: mIoU·59/60 (background counted as wrong).
   mmseg     mmsegmentation's single-scale test (mode='whole'): resized to fit a (2048, 512) box (Cityscapes
-            (2048, 1024)) keeping the aspect ratio (bilinear, rounded to uint8 levels as mmcv's cv2 resize),
+            (2048, 1024)) keeping the aspect ratio (OpenCV's bilinear on the uint8 image, bit for bit: cv_resize),
             one forward of the whole image, logits resized back (align_corners=False), softmax, argmax.
             mIoU as `repo`.
   mmseg-ms  the same with the box times img_ratios 0.5–1.75 (0.x MultiScaleFlipAug, which made the published
@@ -45,8 +45,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+import cv_resize
 from errors import UserError
-from transforms import MEAN, STD
+from transforms import MEAN, STD, normalize
 
 PROTOCOLS = ("repo", "released", "mmseg", "mmseg-ms")
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -277,12 +278,17 @@ def mmseg_size(h, w, box):
     return int(h * factor + 0.5), int(w * factor + 0.5)
 
 
-def to_pixel_levels(image):
-    """Round a normalised image to the 256 levels of uint8 pixels: mmcv resizes the uint8 image (cv2
-    INTER_LINEAR, rounded to uint8) before normalising. (cv2's fixed-point weights can differ by one level.)"""
+def opencv_resize(image, size):
+    """mmcv's Resize of the image that a normalised 1×3×H×W image was made from → the resized image, normalised.
+
+    mmsegmentation resizes the uint8 image with cv2.resize(INTER_LINEAR) before normalising: its pixel levels are
+    recovered exactly (normalising moves a level by far less than ½), resized as OpenCV does, bit for bit
+    (cv_resize.resize_linear), and normalised again."""
     mean = torch.tensor(MEAN).to(image).view(1, 3, 1, 1) * 255
     std = torch.tensor(STD).to(image).view(1, 3, 1, 1) * 255
-    return ((image * std + mean).round().clamp(0, 255) - mean) / std
+    pixels = (image * std + mean).round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).cpu().numpy()
+    resized = torch.from_numpy(cv_resize.resize_linear(pixels, size)).permute(2, 0, 1)[None]
+    return normalize(resized.to(image.device)).to(image.dtype)
 
 
 def mmseg_views(model, image, box, ratios=(1.0,), flip=False, amp=False):
@@ -294,8 +300,7 @@ def mmseg_views(model, image, box, ratios=(1.0,), flip=False, amp=False):
     with torch.inference_mode(), torch.autocast(image.device.type, torch.bfloat16, enabled=amp):
         for ratio in ratios:
             size = mmseg_size(h, w, (int(box[0] * ratio), int(box[1] * ratio)))
-            resized = image if size == (h, w) else \
-                to_pixel_levels(F.interpolate(image, size, mode="bilinear", align_corners=False))
+            resized = image if size == (h, w) else opencv_resize(image, size)
             for mirror in (False, True) if flip else (False,):
                 logits = model(resized.flip(-1) if mirror else resized).float()
                 views.append(View(logits.flip(-1) if mirror else logits, False, True))

@@ -27,6 +27,7 @@ import zlib
 from functools import partial
 from pathlib import Path
 
+import cv2  # opencv-python-headless, test-only: the reference of cv_resize
 import numpy as np
 import onnxruntime  # installed by requirements.txt's test section, as the two below: exports must run in it
 import pycocotools.mask as coco_mask  # installed by .ci/run: the reference our COCO masks must equal
@@ -45,6 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import direct_repo_predict
 import coco_masks
 import context_data
+import cv_resize
 import data
 import encnet
 import errors
@@ -2926,16 +2928,16 @@ def test_mmseg_sizes_follow_mmcv_rescale_size():
 
 
 def mmseg_reference(model, pixels, box, ratios, flip):
-    """mmsegmentation's test: uint8 image resized into box·ratio (keep ratio), whole-image forward, logits
-    resized to the original size, softmax, flipped back, averaged over the views."""
+    """mmsegmentation's test: uint8 image resized into box·ratio (keep ratio) by cv2.resize itself (mmcv's
+    imresize), whole-image forward, logits resized to the original size, softmax, flipped back, averaged."""
     h, w = pixels.shape[2:]
     total, views = 0, 0
     for ratio in ratios:
         long_side, short_side = int(box[0] * ratio), int(box[1] * ratio)
         factor = min(long_side / max(h, w), short_side / min(h, w))
         size = (int(h * factor + 0.5), int(w * factor + 0.5))
-        resized = pixels.float() if size == (h, w) else \
-            F.interpolate(pixels.float(), size, mode="bilinear", align_corners=False).round()
+        resized = pixels.float() if size == (h, w) else torch.from_numpy(cv2.resize(
+            pixels[0].permute(1, 2, 0).numpy(), size[::-1], interpolation=cv2.INTER_LINEAR)).permute(2, 0, 1)[None].float()
         for mirrored in (False, True) if flip else (False,):
             x = transforms.normalize(resized.flip(3) if mirrored else resized.clone())  # normalize works in place
             probs = F.interpolate(model(x), (h, w), mode="bilinear", align_corners=False).softmax(1)
@@ -3420,3 +3422,206 @@ def test_bench_gpu_section_runs_on_cpu(tmp_path):
         assert result[f"{label}_images_per_s"] > 0 and result[f"{label}_TFLOP_per_s"] > 0
     assert result["GFLOP_per_step"] > 1 and result["encoding_eager_ms"] > 0
     assert result["bf16_MFU_pct"] == "no peak on record for cpu"
+
+
+# ----------------------------------------------------------------------------- cv_resize.py
+
+def cv_size_pairs():
+    """(src_h, src_w, dst_h, dst_w): hand-picked edge cases plus seeded random ones."""
+    pairs = [
+        # exact 2x up / 0.5x down (0.5x in both axes is OpenCV's INTER_AREA path)
+        (16, 16, 32, 32), (17, 23, 34, 46), (32, 32, 16, 16), (46, 34, 23, 17),
+        (2, 2, 1, 1), (2, 6, 1, 3), (64, 48, 32, 24),
+        # 2x in one axis only (stays bilinear), other integer factors
+        (32, 32, 16, 32), (32, 32, 32, 16), (30, 30, 10, 10), (40, 40, 10, 10),
+        (10, 10, 30, 30), (9, 9, 36, 36), (12, 7, 36, 21),
+        # 1-pixel edges, to 1x1, from 1x1
+        (1, 1, 1, 1), (1, 1, 5, 7), (1, 1, 1, 9), (1, 1, 9, 1),
+        (1, 17, 1, 5), (1, 17, 1, 40), (17, 1, 5, 1), (17, 1, 40, 1),
+        (1, 17, 4, 9), (17, 1, 9, 4), (13, 11, 1, 1), (13, 11, 1, 7), (13, 11, 7, 1),
+        (1, 2, 1, 1), (2, 1, 1, 1), (1, 2, 3, 5), (5, 5, 1, 2),
+        # odd sizes, non-integer ratios, near-identity
+        (7, 9, 11, 13), (11, 13, 7, 9), (31, 47, 30, 48), (100, 100, 99, 101),
+        (99, 101, 100, 100), (3, 5, 200, 150), (200, 150, 3, 5), (57, 91, 131, 37),
+        (64, 64, 63, 65), (97, 89, 193, 177), (250, 333, 111, 222),
+        # identity (copy)
+        (23, 29, 23, 29),
+    ]
+    rng = np.random.default_rng(34)
+    while len(pairs) < 120:
+        sh, sw = (int(v) for v in rng.integers(1, 160, 2))
+        kind = len(pairs) % 3
+        if kind == 0:      # free sizes
+            dh, dw = (int(v) for v in rng.integers(1, 260, 2))
+        else:              # keep-ratio-like scaling, up (kind 1) or down (kind 2)
+            f = rng.uniform(1.05, 3.0) if kind == 1 else rng.uniform(0.2, 0.95)
+            dh, dw = max(1, int(sh * f + 0.5)), max(1, int(sw * f + 0.5))
+        pairs.append((sh, sw, dh, dw))
+    return pairs
+
+
+CV_SIZE_PAIRS = cv_size_pairs()
+
+
+def _random_image(rng, h, w, cn):
+    return rng.integers(0, 256, (h, w, cn), dtype=np.uint8)
+
+
+def _smooth_image(rng, h, w, cn):
+    """Gradients + low-frequency waves + noise: values like a real photo's."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    base = (90 + 70 * yy / max(h - 1, 1) + 50 * xx / max(w - 1, 1)
+            + 30 * np.sin(xx / 7.0) * np.cos(yy / 11.0))
+    chans = [base + 25 * c - 20 * np.cos((xx + yy) / (9.0 + c)) for c in range(cn)]
+    img = np.stack(chans, axis=-1) + rng.normal(0, 6, (h, w, cn))
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def _cv2_linear(img, dh, dw):
+    out = cv2.resize(img, (dw, dh), interpolation=cv2.INTER_LINEAR)
+    return out.reshape(dh, dw, -1) if img.ndim == 3 else out
+
+
+def _assert_same(ours, ref):
+    assert ours.dtype == ref.dtype and ours.shape == ref.shape
+    if not np.array_equal(ours, ref):
+        diff = ours.astype(np.int64) - ref.astype(np.int64)
+        raise AssertionError(f"{np.count_nonzero(diff)} of {diff.size} values differ, "
+                             f"max |diff| {np.abs(diff).max()}")
+
+
+def test_cv_resize_cases_cover_enoughcv_size_pairs():
+    assert len(CV_SIZE_PAIRS) >= 100
+    assert len(set(CV_SIZE_PAIRS)) >= 100
+
+
+@pytest.mark.parametrize("sh,sw,dh,dw", CV_SIZE_PAIRS)
+def test_cv_resize_linear_equals_opencv(sh, sw, dh, dw):
+    rng = np.random.default_rng(sh * 100003 + sw * 1009 + dh * 31 + dw)
+    for cn in (3, 1):
+        for make in (_random_image, _smooth_image):
+            img = make(rng, sh, sw, cn)
+            _assert_same(cv_resize.resize_linear(img, (dh, dw)), _cv2_linear(img, dh, dw))
+    gray = _smooth_image(rng, sh, sw, 1)[:, :, 0]          # plain H x W input
+    _assert_same(cv_resize.resize_linear(gray, (dh, dw)), _cv2_linear(gray, dh, dw))
+
+
+@pytest.mark.parametrize("sh,sw,dh,dw", CV_SIZE_PAIRS[::3])
+def test_cv_resize_linear_equals_opencv_with_4_and_2_channels(sh, sw, dh, dw):
+    rng = np.random.default_rng(dh * 7919 + dw)
+    for cn in (4, 2):
+        img = _random_image(rng, sh, sw, cn)
+        _assert_same(cv_resize.resize_linear(img, (dh, dw)), _cv2_linear(img, dh, dw))
+
+
+def _mmseg_keep_ratio(h, w, long_max, short_max):
+    """mmcv.imrescale(keep_ratio) size: (new_h, new_w)."""
+    scale = min(long_max / max(h, w), short_max / min(h, w))
+    return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+@pytest.mark.parametrize("long_max,short_max,expect", [
+    (2048, 512, (512, 767)),   # mmsegmentation test scale
+    (384, 256, (256, 384)),
+])
+def test_cv_resize_equals_opencv_at_mmsegmentations_test_sizes(long_max, short_max, expect):
+    rng = np.random.default_rng(640)
+    img = _smooth_image(rng, 427, 640, 3)
+    size = _mmseg_keep_ratio(427, 640, long_max, short_max)
+    assert size == expect
+    ours = cv_resize.resize_linear(img, size)
+    ref = _cv2_linear(img, *size)
+    _assert_same(ours, ref)
+    # the rounding of a float bilinear resize is what we must not reproduce
+    torch = pytest.importorskip("torch")
+    t = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+    f = torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)
+    naive = f[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+    frac = np.mean(naive != ref)
+    assert 0.01 < frac < 0.5
+    assert np.abs(naive.astype(int) - ref).max() <= 1
+
+
+def test_cv_resize_half_size_is_opencvs_area_rounding():
+    """0.5x in both axes: (sum of 2x2 block + 2) >> 2 (cn 1/3/4), half-to-even (cn 2)."""
+    block = np.array([[1, 0], [0, 1]], dtype=np.uint8)    # sum 2 -> 0.5
+    img = np.tile(block, (4, 4))
+    for cn in (1, 3, 4):
+        x = np.repeat(img[:, :, None], cn, axis=2)
+        out = cv_resize.resize_linear(x, (4, 4))
+        assert np.all(out == 1)
+        _assert_same(out, _cv2_linear(x, 4, 4))
+    x = np.repeat(img[:, :, None], 2, axis=2)
+    out = cv_resize.resize_linear(x, (4, 4))
+    assert np.all(out == 0)                                  # 0.5 rounds to even
+    _assert_same(out, _cv2_linear(x, 4, 4))
+
+
+def test_cv_resize_same_size_is_a_copy():
+    img = np.random.default_rng(1).integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    out = cv_resize.resize_linear(img, (9, 7))
+    assert out is not img and np.array_equal(out, img)
+    out[0, 0, 0] ^= 1
+    assert not np.array_equal(out, img)
+
+
+def test_cv_resize_takes_non_contiguous_input():
+    rng = np.random.default_rng(2)
+    img = _smooth_image(rng, 60, 80, 3)
+    view = img[::-1, 5:70, ::-1]                      # flipped, cropped, BGR->RGB view
+    _assert_same(cv_resize.resize_linear(view, (47, 101)), _cv2_linear(np.ascontiguousarray(view), 47, 101))
+
+
+def test_cv_resize_rejects_bad_input():
+    with pytest.raises(TypeError):
+        cv_resize.resize_linear(np.zeros((4, 4, 3), np.float32), (2, 2))
+    with pytest.raises(ValueError):
+        cv_resize.resize_linear(np.zeros((4, 4, 3), np.uint8), (0, 2))
+    with pytest.raises(ValueError):
+        cv_resize.resize_nearest(np.zeros((4, 4), np.uint8), (2,))
+
+
+LABEL_DTYPES = [np.uint8, np.int32, np.uint16, np.int16]
+
+
+@pytest.mark.parametrize("sh,sw,dh,dw", CV_SIZE_PAIRS[::2])
+def test_cv_resize_nearest_equals_opencv(sh, sw, dh, dw):
+    rng = np.random.default_rng(sh * 31 + sw * 7 + dh * 3 + dw)
+    for dtype in LABEL_DTYPES:
+        lab = rng.integers(0, 151, (sh, sw)).astype(dtype)
+        lab[rng.random((sh, sw)) < 0.1] = 255 if dtype == np.uint8 else -1 if dtype in (np.int32, np.int16) else 65535
+        ref = cv2.resize(lab, (dw, dh), interpolation=cv2.INTER_NEAREST)
+        ours = cv_resize.resize_nearest(lab, (dh, dw))
+        assert ours.dtype == lab.dtype
+        _assert_same(ours, ref)
+
+
+def test_cv_resize_nearest_equals_opencv_at_mmsegmentations_label_sizes():
+    rng = np.random.default_rng(5)
+    lab = np.repeat(np.repeat(rng.integers(0, 21, (43, 64)), 10, 0), 10, 1)[:427, :640].astype(np.uint8)
+    for size in [(512, 767), (256, 384), (1024, 1535)]:
+        ref = cv2.resize(lab, size[::-1], interpolation=cv2.INTER_NEAREST)
+        _assert_same(cv_resize.resize_nearest(lab, size), ref)
+
+
+def test_cv_resize_nearest_is_opencvs_nearest_not_nearest_exact():
+    """mmcv 'nearest' is INTER_NEAREST (floor(dx*src/dst)), not the pixel-centre rule."""
+    lab = np.arange(10, dtype=np.uint8)[None, :].repeat(2, 0)
+    ours = cv_resize.resize_nearest(lab, (2, 4))
+    assert np.array_equal(ours[0], [0, 2, 5, 7])
+    assert np.array_equal(ours, cv2.resize(lab, (4, 2), interpolation=cv2.INTER_NEAREST))
+    exact = cv2.resize(lab, (4, 2), interpolation=cv2.INTER_NEAREST_EXACT)
+    assert not np.array_equal(ours, exact)
+
+
+def test_cv_resize_imports_no_opencv():
+    import ast
+    import inspect
+    tree = ast.parse(inspect.getsource(cv_resize))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add((node.module or "").split(".")[0])
+    assert names <= {"numpy", "torch"}, names

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+import cv_resize
+
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet, as the pretrained backbones expect
 
 
@@ -54,7 +56,8 @@ def augment_train(image, label, rng, crop_size, base_size, scale_range=(0.5, 2.0
                 side truncated (int());
         'box'   mmsegmentation's RandomResize(scale_box, ratio_range, keep_ratio=True): r ~ U(scale_range), the
                 image resized by the largest factor that fits it into int(long·r) × int(short·r) of
-                scale_box = (long, short) (mmcv's rescale_size, sides rounded).
+                scale_box = (long, short) (mmcv's rescale_size, sides rounded), with OpenCV's bilinear (labels:
+                nearest) on the whole image as mmcv does, bit for bit (cv_resize).
     blur: a Gaussian blur of radius U(0, 1) on the crop's image with probability ½ (released v0.5.0).
 
     Options of mmsegmentation's recipes (off by default):
@@ -76,6 +79,11 @@ def augment_train(image, label, rng, crop_size, base_size, scale_range=(0.5, 2.0
         box_long, box_short = int(max(scale_box) * ratio), int(min(scale_box) * ratio)
         factor = min(box_long / max(w, h), box_short / min(w, h))
         sw, sh = int(w * factor + 0.5), int(h * factor + 0.5)
+        # mmcv resizes the whole image with OpenCV (bilinear; labels nearest) before cropping: done here bit for
+        # bit, so that the warp below only flips and crops (integer translations: exact copies of pixels)
+        image = Image.fromarray(cv_resize.resize_linear(np.asarray(image.convert("RGB")), (sh, sw)))
+        label = Image.fromarray(cv_resize.resize_nearest(np.asarray(label), (sh, sw)))
+        w, h = sw, sh
     else:
         side = int(rng.integers(int(base_size * scale_range[0]), int(base_size * scale_range[1]), endpoint=True))
         if scale_rule == "long":  # long side = side, aspect kept, short side rounded
