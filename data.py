@@ -1,15 +1,19 @@
 """The datasets in their standard on-disk layouts: items of (3×H×W uint8 image, H×W int64 label, −1 = ignore).
 
     get_dataset           ADE20K, PASCAL VOC (+SBD aug), PASCAL-Context, COCO→VOC, Cityscapes, the built-in
-                          context data, CIFAR-10, by name
-    check_dataset         a fast parallel pass over a split (labels decoded, images decoded) before training
+                          context data, CIFAR-10, your own data ('folder'), by name
+    FolderDataset         your own data: ROOT/classes.json, ROOT/images/SPLIT/…, ROOT/labels/SPLIT/… (index or
+                          colour PNGs); read_folder_classes checks classes.json
+    check_dataset         a fast parallel pass over a split (labels decoded, images decoded) before training;
+                          with class_frequencies, the share of each class in the training split
     ShardedBatchSampler   one global permutation per epoch, cut into global batches, each rank takes its slice
     shard_indices         validation sharding without padding, so metrics summed over ranks are exact
     dataset_info          class names and palette, for colouring predictions
     colorize, label_png   a class map as colours, or as a label PNG in the dataset's own encoding
     train_ids_to_label_ids   Cityscapes classes → official label ids, for the benchmark server's PNGs
 
-The augmentation is transforms.py's, COCO's rasteriser coco_masks.py's, the built-in data context_data.py's.
+Where each dataset's files lie is layouts.py's; the augmentation transforms.py's, COCO's rasteriser
+coco_masks.py's, the built-in data context_data.py's.
 
 Randomness. Every random number of a training item comes from np.random.default_rng([seed, epoch, index]):
 an item depends neither on the DataLoader's worker count nor on the number of processes, and a resumed
@@ -22,17 +26,18 @@ import inspect
 import json
 import os
 import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image  # ImageFile.LOAD_TRUNCATED_IMAGES stays False: a truncated file must fail
 
-from coco_masks import VOC_CLASS_OF_COCO, CocoLabel, coco_label, coco_label_version
+from coco_masks import coco_label
 from context_data import CONTEXT_CLASSES, CONTEXT_PALETTE, context_dataset
 from errors import DataError, UserError, reading
-from transforms import PAD_COLOURS, augment_train, center_crop, image_tensor
+from layouts import (FolderLabel, ade20k_samples, cityscapes_samples, coco_samples, folder_samples,
+                     read_folder_classes, read_png_label, under, voc_samples)
+from transforms import PAD_COLOURS, augment_train, center_crop, eight_bit, image_tensor
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -41,8 +46,12 @@ CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
 CLASS_TABLE = json.loads(Path(__file__).with_name("classes.json").read_text())  # names, palettes, Cityscapes ids
 
 
-def dataset_info(name):
-    """{'classes', 'palette', 'num_classes'} of a dataset, from classes.json next to this file."""
+def dataset_info(name, root=None):
+    """{'classes', 'palette', 'num_classes'} of a dataset, from classes.json next to this file; for 'folder'
+    (your own data) from ROOT/classes.json, so `root` is needed."""
+    if name == "folder":
+        spec = read_folder_classes(root)
+        return {"classes": spec["classes"], "palette": spec["palette"], "num_classes": spec["num_classes"]}
     if name == "context":
         return {"classes": CONTEXT_CLASSES, "palette": CONTEXT_PALETTE, "num_classes": len(CONTEXT_CLASSES)}
     if name == "cifar10":
@@ -53,8 +62,6 @@ def dataset_info(name):
         raise DataError(f"no class list for dataset {name!r}")
     entry = CLASS_TABLE[key]
     return {"classes": entry["classes"], "palette": entry["palette"], "num_classes": len(entry["classes"])}
-
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,35 +129,28 @@ def label_png(pred, dataset):
     return image
 
 
-def read_png_label(path):
-    """H×W uint8 raw label: the values of an 'L' PNG, the palette indices of a 'P' PNG."""
-    with reading(path):
-        label = Image.open(path)
-        if label.mode not in ("L", "P"):
-            raise DataError(f"{path}: label PNG has mode {label.mode}, expected single-channel L or P")
-        return np.array(label)
-
-
 class SegmentationDataset(torch.utils.data.Dataset):
     """(3×H×W uint8 image, H×W int64 label) items of one split.
 
     samples: list of (image path, label source); read_label(label source) → H×W uint8 raw label, and
     str(label source) names it in error messages. labels: the key of LABELS for the raw values (default
-    name). crop_size: n (n×n) or (height, width). mode: 'train' random augmentation to crop_size, 'val' the
-    whole image, 'center' resized to just cover crop_size and centre-cropped. max_rotation, cat_max_ratio
-    and photometric: augment_train's options, for 'train' (cat_max_ratio counts classes after the raw
-    value → class table, so every value that is not a class is ignored).
+    name), or such a (class raw values, other legal raw values) pair itself. info: {'classes', 'palette',
+    'num_classes'} (default: dataset_info(name)), for a dataset that carries its own. crop_size: n (n×n) or
+    (height, width). mode: 'train' random augmentation to crop_size, 'val' the whole image, 'center' resized
+    to just cover crop_size and centre-cropped. max_rotation, cat_max_ratio and photometric: augment_train's
+    options, for 'train' (cat_max_ratio counts classes after the raw value → class table, so every value that
+    is not a class is ignored).
     """
 
     def __init__(self, name, samples, read_label, crop_size, base_size, mode, seed, labels=None, *,
                  max_rotation=10.0, cat_max_ratio=None, photometric=False, scale_rule="long", scale_box=None,
-                 blur=False, pad="black"):
+                 blur=False, pad="black", info=None):
         self.samples, self.read_label = samples, read_label
         self.crop_size, self.base_size, self.mode, self.seed, self.epoch = crop_size, base_size, mode, seed, 0
         self.augmentation = dict(max_rotation=max_rotation, cat_max_ratio=cat_max_ratio, photometric=photometric,
                                  scale_rule=scale_rule, scale_box=scale_box, blur=blur, image_fill=PAD_COLOURS[pad])
-        self.legal, self.lut = label_tables(*LABELS[labels or name])
-        info = dataset_info(name)
+        self.legal, self.lut = label_tables(*(labels if isinstance(labels, tuple) else LABELS[labels or name]))
+        info = info or dataset_info(name)
         self.classes, self.palette, self.num_classes = info["classes"], info["palette"], info["num_classes"]
 
     def set_epoch(self, epoch):
@@ -163,22 +163,32 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """(PIL image of item `index`, header read only; its H×W uint8 raw label), checked against each other.
 
         DataError naming the file when either cannot be read, their sizes differ or the label has a value
-        the dataset does not define. The image's body is decoded later, when its scale is known.
+        the dataset does not define. The image's body is decoded later, when its scale is known; a 16-bit image
+        is decoded here and scaled to 8 bits, and a 32-bit one refused, as eval.py reads photos (transforms.eight_bit).
         """
         image_path, label_source = self.samples[index]
         with reading(image_path):
             image = Image.open(image_path)  # reads the header only: decoding waits for the crop's scale
+            try:
+                image = eight_bit(image)  # 16-bit scaled to 8 bits (decoded now; never a JPEG), 8-bit untouched
+            except ValueError as e:
+                image.close()
+                raise DataError(f"{image_path}: {e}") from None
         raw = self.read_label(label_source)
         if raw.shape != (image.height, image.width):
             raise DataError(f"{label_source}: label is {raw.shape[1]}×{raw.shape[0]} but image {image_path} "
                             f"is {image.width}×{image.height}")
         if not np.take(self.legal, raw).all():  # a table look-up: 3× faster than a histogram of the values
-            illegal = np.flatnonzero(np.bincount(raw.ravel(), minlength=256) * ~self.legal)
-            legal = np.flatnonzero(self.legal)
-            runs = np.split(legal, np.flatnonzero(np.diff(legal) > 1) + 1)
-            raise DataError(f"{label_source}: label value {illegal[0]}, legal values are "
-                            + ", ".join(f"{r[0]}..{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs))
+            raise DataError(self.illegal_value_message(label_source, raw))
         return image, raw
+
+    def illegal_value_message(self, label_source, raw):
+        """The one-line error of a label holding a raw value the dataset does not define."""
+        illegal = np.flatnonzero(np.bincount(raw.ravel(), minlength=256) * ~self.legal)
+        legal = np.flatnonzero(self.legal)
+        runs = np.split(legal, np.flatnonzero(np.diff(legal) > 1) + 1)
+        return (f"{label_source}: label value {illegal[0]}, legal values are "
+                + ", ".join(f"{r[0]}..{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs))
 
     def __getitem__(self, index):
         image_path = self.samples[index][0]
@@ -196,179 +206,66 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return image_tensor(image), torch.from_numpy(self.lut[np.asarray(label)])
 
 
-def require_dir(path, name, layout):
-    if not path.is_dir():
-        raise DataError(f"{name}: {path} not found; expected {layout}")
-    return path
+# ----------------------------------------------------------------------------------------------
+# Your own data: --data folder
 
 
-def under(root, top):
-    """ROOT/top, or ROOT itself when it already is the `top` folder."""
-    root = Path(root)
-    return root if root.name == top and not (root / top).is_dir() else root / top
+class FolderDataset(SegmentationDataset):
+    """Your own data (--data folder): ROOT/classes.json, ROOT/images/SPLIT/…, ROOT/labels/SPLIT/… (see
+    read_folder_classes, folder_samples, FolderLabel). Pairing and classes.json are checked here; label sizes,
+    values and colours when an item is read, so in check_dataset before training."""
+
+    def __init__(self, root, split, crop_size, base_size, mode, seed, **options):
+        spec = read_folder_classes(root)
+        unlabelled = [0, spec["ignore_index"]] if spec["reduce_zero_label"] else [spec["ignore_index"]]
+        super().__init__("folder", folder_samples(root, split), FolderLabel(spec), crop_size, base_size, mode, seed,
+                         (spec["class_values"], unlabelled), info=spec, **options)
+        self.root, self.spec = Path(root), spec
+
+    def illegal_value_message(self, label_source, raw):
+        spec = self.spec
+        y, x = np.argwhere(~np.take(self.legal, raw))[0]
+        value, values = raw[y, x], spec["class_values"]
+        unlabelled = f"{spec['ignore_index']}" + (", 0" if spec["reduce_zero_label"] else "")
+        shift = " (reduce_zero_label: raw v is class v−1)" if spec["reduce_zero_label"] else ""
+        return (f"{label_source}: label value {value} at pixel (x={x}, y={y}), but {spec['path']} names "
+                f"{spec['num_classes']} classes: values {values[0]}..{values[-1]}{shift}, {unlabelled} = unlabelled")
 
 
-def read_ids(list_file):
-    with reading(list_file):
-        return [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+def class_pixel_counts(dataset, histogram):
+    """Labelled pixels per class (K int64) from a histogram of a split's raw label values (check_dataset's)."""
+    counts = np.zeros(dataset.num_classes, np.int64)
+    labelled = dataset.lut >= 0
+    np.add.at(counts, dataset.lut[labelled], np.asarray(histogram)[labelled])
+    return counts
 
 
-def file_pairs(name, ids, image_dir, label_dir):
-    """[(image_dir/id.jpg, label_dir/id.png)]; a listed id without both files is a DataError."""
-    images, labels = set(os.listdir(image_dir)), set(os.listdir(label_dir))  # one listing, not a stat per file
-    for i in ids:
-        if f"{i}.jpg" not in images:
-            raise DataError(f"{name}: {image_dir / i}.jpg not found (listed in the split)")
-        if f"{i}.png" not in labels:
-            raise DataError(f"{name}: {label_dir / i}.png not found (listed in the split)")
-    return [(image_dir / f"{i}.jpg", label_dir / f"{i}.png") for i in ids]
-
-
-def ade20k_samples(root, split):
-    base = under(root, "ADEChallengeData2016")
-    layout = "ROOT/ADEChallengeData2016/{images,annotations}/{training,validation}"
-    samples = []
-    for part in split.split("+"):
-        folder = {"train": "training", "val": "validation"}.get(part)
-        if folder is None:
-            raise DataError(f"ade20k has splits train, val (or train+val), not {split!r}")
-        image_dir = require_dir(base / "images" / folder, "ade20k", layout)
-        label_dir = require_dir(base / "annotations" / folder, "ade20k", layout)
-        ids = sorted(f[:-4] for f in os.listdir(image_dir) if f.endswith(".jpg"))
-        if not ids:
-            raise DataError(f"ade20k: no images (*.jpg) in {image_dir}")
-        # an image without its label, or a label without its image: either is a file missing from the download
-        orphans = sorted({f[:-4] for f in os.listdir(label_dir) if f.endswith(".png")} - set(ids))
-        if orphans:
-            raise DataError(f"ade20k: {image_dir / orphans[0]}.jpg not found (its label {label_dir / orphans[0]}.png "
-                            f"is there{f', and {len(orphans) - 1} more' if len(orphans) > 1 else ''})")
-        samples += file_pairs("ade20k", ids, image_dir, label_dir)
-    return samples
-
-
-def voc_samples(name, root, split):
-    """pascal_voc, pascal_aug (VOC2012) and pcontext (VOC2010): a list file per split under ImageSets."""
-    year, labels, lists = {"pascal_voc": ("VOC2012", "SegmentationClass", "Segmentation"),
-                           "pascal_aug": ("VOC2012", "SegmentationClassAug", "Segmentation"),
-                           "pcontext": ("VOC2010", "SegmentationClassContext", "SegmentationContext")}[name]
-    base = under(root, "VOCdevkit") / year
-    layout = f"ROOT/VOCdevkit/{year}/{{JPEGImages,{labels},ImageSets/{lists}}}"
-    image_dir = require_dir(base / "JPEGImages", name, layout)
-    label_dir = require_dir(base / labels, name, layout)
-    samples = []
-    for part in split.split("+"):
-        if name == "pascal_aug" and part in ("train", "train_aug"):  # SBD's 10,582 training images
-            list_file = base / "ImageSets" / "SegmentationAug" / "train_aug.txt"
-        else:
-            list_file = base / "ImageSets" / lists / f"{part}.txt"
-        if not list_file.is_file():
-            raise DataError(f"{name}: split list {list_file} not found; expected {layout}")
-        ids = read_ids(list_file)
-        if not ids:
-            raise DataError(f"{name}: split list {list_file} is empty")
-        samples += file_pairs(name, ids, image_dir, label_dir)
-    return samples
-
-
-
-
-def coco_samples(root, split):
-    """COCO images with more than 1,000 pixels of the 20 VOC categories, with their label sources."""
-    root, year = Path(root), {"train": "train2017", "val": "val2017"}.get(split)
-    if year is None:
-        raise DataError(f"coco has splits train, val, not {split!r}")
-    layout = "ROOT/{train2017,val2017}/*.jpg and ROOT/annotations/instances_{train,val}2017.json"
-    image_dir = require_dir(root / year, "coco", layout)
-    annotation_file = root / "annotations" / f"instances_{year}.json"
-    if not annotation_file.is_file():
-        raise DataError(f"coco: {annotation_file} not found; expected {layout}")
-    try:
-        with reading(annotation_file):
-            coco = json.loads(annotation_file.read_text())
-        images = {image["id"]: image for image in coco["images"]}
-        objects = {}
-        for a in coco["annotations"]:
-            if a["category_id"] in VOC_CLASS_OF_COCO:
-                objects.setdefault(a["image_id"], []).append((VOC_CLASS_OF_COCO[a["category_id"]], a["segmentation"]))
-        sources = {i: CocoLabel(annotation_file, i, images[i]["height"], images[i]["width"], objects[i])
-                   for i in sorted(objects)}
-    except (ValueError, TypeError, KeyError) as e:
-        raise DataError(f"coco: {annotation_file}: not a COCO instances file ({e!r})") from None
-
-    # Rasterising every image takes minutes on train2017, so the selection is cached beside the annotations,
-    # keyed by the annotation file's size and by the code that rasterises: either changed, it is recomputed.
-    cache = annotation_file.with_name(f"encnet_voc_index_{year}.json")
-    stamp = {"annotation_bytes": annotation_file.stat().st_size, "rasteriser": coco_label_version()}
-    try:
-        cached = json.loads(cache.read_text())
-    except (OSError, ValueError):  # absent or unreadable: recompute
-        cached = {}
-    if all(cached.get(key) == value for key, value in stamp.items()):
-        ids = cached["ids"]
-    else:
-        ids = [i for i, source in sources.items() if np.count_nonzero(coco_label(source)) > 1000]
-        try:
-            cache.write_text(json.dumps({**stamp, "ids": ids}))
-        except OSError as e:
-            print(f"coco: cannot write the image selection cache {cache} ({e}); continuing without it",
-                  file=sys.stderr)
-    if not ids:
-        raise DataError(f"coco: no image of {annotation_file} has more than 1,000 pixels of the VOC classes")
-    present = set(os.listdir(image_dir))
-    for i in ids:
-        if images[i]["file_name"] not in present:
-            raise DataError(f'coco: {image_dir / images[i]["file_name"]} not found (listed in {annotation_file})')
-    return [(image_dir / images[i]["file_name"], sources[i]) for i in ids]
-
-
-def cityscapes_samples(root, split):
-    """Cityscapes fine annotations, as downloaded: (samples, key of LABELS for their label files).
-
-    ROOT/leftImg8bit/SPLIT/CITY/X_leftImg8bit.png pairs with ROOT/gtFine/SPLIT/CITY/X_gtFine_labelIds.png
-    (label ids 0..33). When every image of the split also has X_gtFine_labelTrainIds.png (written by
-    cityscapesscripts' createTrainIdLabelImgs: classes 0..18, 255 = ignore), those are read instead: they
-    hold whatever class mapping the user chose there. ROOT may also be the parent of a 'cityscapes' folder.
-    """
-    root = Path(root)
-    base = root if (root / "leftImg8bit").is_dir() else root / "cityscapes"
-    layout = "ROOT/leftImg8bit/SPLIT/CITY/*_leftImg8bit.png and ROOT/gtFine/SPLIT/CITY/*_gtFine_labelIds.png"
-    image_suffix, ids_suffix = "_leftImg8bit.png", "_gtFine_labelIds.png"
-    train_ids_suffix = "_gtFine_labelTrainIds.png"
-    found = []  # (image path, label dir, stem, label files of its city)
-    for part in split.split("+"):
-        if part not in ("train", "val", "test"):
-            raise DataError(f"cityscapes has splits train, val, test (or train+val), not {split!r}")
-        image_root = require_dir(base / "leftImg8bit" / part, "cityscapes", layout)
-        label_root = require_dir(base / "gtFine" / part, "cityscapes", layout)
-        cities = sorted(c for c in os.listdir(image_root) if (image_root / c).is_dir())
-        for city in sorted(set(os.listdir(label_root)) - set(cities)):
-            raise DataError(f"cityscapes: labels {label_root / city} have no images {image_root / city}")
-        part_found = []
-        for city in cities:
-            image_dir, label_dir = image_root / city, require_dir(label_root / city, "cityscapes", layout)
-            stems = sorted(f[:-len(image_suffix)] for f in os.listdir(image_dir) if f.endswith(image_suffix))
-            labels = set(os.listdir(label_dir))  # one listing, not a stat per file
-            for f in sorted(labels - {f"{stem}{ids_suffix}" for stem in stems}):
-                if f.endswith(ids_suffix):
-                    raise DataError(f"cityscapes: {label_dir / f} has no image {image_dir}/"
-                                    f"{f[:-len(ids_suffix)]}{image_suffix}")
-            part_found += [(image_dir / f"{stem}{image_suffix}", label_dir, stem, labels) for stem in stems]
-        if not part_found:
-            raise DataError(f"cityscapes: no images (CITY/*{image_suffix}) in {image_root}")
-        found += part_found
-    train_ids = all(f"{stem}{train_ids_suffix}" in labels for _, _, stem, labels in found)
-    suffix = train_ids_suffix if train_ids else ids_suffix
-    for image, label_dir, stem, labels in found:
-        if f"{stem}{suffix}" not in labels:
-            raise DataError(f"cityscapes: {label_dir / stem}{suffix} not found (the label of {image})")
-    samples = [(image, label_dir / f"{stem}{suffix}") for image, label_dir, stem, _ in found]
-    return samples, "cityscapes_train_ids" if train_ids else "cityscapes"
+def class_frequencies(classes, counts, split="training", width=100):
+    """The lines that tell the share of the labelled pixels each class has in a split, classes without pixels
+    named (they cannot be learnt from it). A split without any labelled pixel is a DataError."""
+    total = int(np.sum(counts))
+    if total == 0:
+        raise DataError(f"the {split} split has no labelled pixel: every label value is an ignored one")
+    entries = [f"{name} {100 * c / total:.2f} %" for name, c in zip(classes, counts)]
+    lines, line = [f"class frequencies of the {split} split (share of its {total:,} labelled pixels):"], ""
+    for entry in entries:
+        if line and len(line) + len(entry) + 2 > width:
+            lines.append(f"  {line},")
+            line = ""
+        line = f"{line}, {entry}" if line else entry
+    lines.append(f"  {line}")
+    empty = [name for name, c in zip(classes, counts) if c == 0]
+    if empty:
+        many = "classes have" if len(empty) > 1 else "class has"
+        lines.append(f"  {len(empty)} {many} no pixel in the {split} split (cannot be learnt from it): "
+                     + ", ".join(empty))
+    return lines
 
 
 def get_dataset(name, root, split, crop_size=480, base_size=520, mode=None, seed=0, *, max_rotation=10.0,
                 cat_max_ratio=None, photometric=False, scale_rule="long", scale_box=None, blur=False, pad="black"):
     """The Dataset `name` ('context', 'ade20k', 'pascal_voc', 'pascal_aug', 'pcontext', 'coco', 'cityscapes',
-    'cifar10').
+    'folder' (your own data, FolderDataset), 'cifar10').
 
     split: 'train', 'val', or lists joined by '+' ('train+val'); 'train_aug' for pascal_aug; 'test' for
     cityscapes (its gtFine/test labels carry no classes); 'test' = 'val' for cifar10. crop_size: n (n×n) or
@@ -393,6 +290,8 @@ def get_dataset(name, root, split, crop_size=480, base_size=520, mode=None, seed
         return context_dataset(split, crop_size, base_size, mode, seed)
     if name == "cifar10":
         return CIFAR10(root, split, mode == "train", seed)
+    if name == "folder":
+        return FolderDataset(root, split, crop_size, base_size, mode, seed, **options)
     labels = None  # the label format, when it is not the dataset's name
     if name == "ade20k":
         samples, read_label = ade20k_samples(root, split), read_png_label
@@ -414,21 +313,24 @@ class SplitChecker(torch.utils.data.Dataset):
     torch's 'Caught DataError in DataLoader worker process N' and the worker's traceback.
     """
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    def __init__(self, dataset, count=False):
+        self.dataset, self.count = dataset, count
 
     def __getitem__(self, indices):
+        histogram = np.zeros(256, np.int64) if self.count else None
         for i in indices:
             try:
-                image, _ = self.dataset.open_checked(i)
+                image, raw = self.dataset.open_checked(i)
                 with reading(self.dataset.samples[i][0]), image:
                     image.load()  # the whole body: a truncated JPEG fails here, not hours into training
             except DataError as e:
-                return str(e)
-        return None
+                return (str(e), histogram) if self.count else str(e)
+            if self.count:
+                histogram += np.bincount(raw.ravel(), minlength=256)
+        return (None, histogram) if self.count else None
 
 
-def check_dataset(dataset, workers=None, indices=None, chunk=16):
+def check_dataset(dataset, workers=None, indices=None, chunk=16, histogram=None):
     """Decode every label and every image of a split before training; raise its first DataError.
 
     Finds in minutes what would otherwise stop a run hours in: unreadable or truncated files, a label of
@@ -438,6 +340,8 @@ def check_dataset(dataset, workers=None, indices=None, chunk=16):
     most, os.cpu_count()), started as a DataLoader's, like training's. Generated and fully loaded datasets
     (context, cifar10) pass at once.
     indices: the items to check (default: all; a process of a distributed run checks its shard).
+    histogram: None, or a 256-entry int64 NumPy array to which the raw label values of the checked items are
+    added (class_pixel_counts turns it into pixels per class; a generated dataset adds nothing).
     Returns the number of items checked.
     """
     indices = list(range(len(dataset))) if indices is None else list(indices)
@@ -445,9 +349,13 @@ def check_dataset(dataset, workers=None, indices=None, chunk=16):
         return len(indices)
     chunks = [indices[start:start + chunk] for start in range(0, len(indices), chunk)]
     workers = min(workers or os.cpu_count(), os.cpu_count(), len(chunks))
-    loader = torch.utils.data.DataLoader(SplitChecker(dataset), batch_size=None, sampler=chunks,
+    count = histogram is not None
+    loader = torch.utils.data.DataLoader(SplitChecker(dataset, count), batch_size=None, sampler=chunks,
                                          num_workers=workers if workers > 1 else 0)
     for problem in loader:  # in chunk order, so the first problem is the same for any worker count
+        if count:
+            problem, counted = problem
+            histogram += np.asarray(counted, np.int64)
         if problem is not None:
             raise DataError(problem)
     return len(indices)

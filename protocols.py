@@ -37,17 +37,21 @@ measures both, and what bf16 costs in accuracy.
     class_map         [View] → the H×W class map, a band of rows at a time
     predict, predict_released, predict_mmseg   the full-resolution scores of each protocol (tests, small images)
     eval_crop         the evaluation window of a model trained with a given crop
+    segment           one call from a model and an image (PIL, NumPy, tensor) to its class map, with the
+                      model's own protocol and sizes by default (default_protocol); eval.py --images uses it
 """
 import math
 from functools import partial
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import cv_resize
 from errors import UserError
-from transforms import MEAN, STD, normalize
+from transforms import MEAN, STD, normalize, to_rgb
 
 PROTOCOLS = ("repo", "released", "mmseg", "mmseg-ms")
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -336,3 +340,87 @@ def eval_crop(crop_size, base_size):
     """The window of whole-image evaluation for a model trained on `crop_size` crops: the crop itself; after
     non-square crops (Cityscapes' 512×1024) the whole image at base size, as mmsegmentation evaluates it."""
     return crop_size if isinstance(crop_size, int) else base_size
+
+
+# ----------------------------------------------------------------------------- one call: an image → its classes
+
+def default_protocol(info, dataset=None):
+    """The protocol a model is used with when none is named (segment, eval.py): the model's own. A train_seg.py
+    checkpoint's is its final evaluation's (args['protocol']); mmsegmentation's files 'mmseg' (single-scale);
+    the authors' files and anything else 'repo' (their own protocol is multi-scale only: --protocol released
+    asks for it); 'repo' also where mmsegmentation has no test setting for the dataset (your own data)."""
+    info = info or {}
+    own = {"mmseg": "mmseg", "train_seg": (info.get("args") or {}).get("protocol")}.get(info.get("format")) or "repo"
+    if own == "mmseg" and (dataset or info.get("dataset")) not in MMSEG_TEST_BOX:
+        return "repo"
+    return own
+
+
+def rgb_photo(image):
+    """A PIL image as RGB: 16-bit images scaled to 8 bits (Pillow's own conversion would clip them to white);
+    32-bit integer or floating-point images, which have no photo's range, refused (ValueError): transforms.to_rgb,
+    the conversion of every image read."""
+    return to_rgb(image)
+
+
+def normalised_image(image):
+    """What segment takes → 1×3×H×W float32, ImageNet-normalised: a PIL image, an H×W×3 uint8 NumPy array (RGB),
+    a 3×H×W (or 1×3×H×W) uint8 tensor (RGB), or a float tensor 1×3×H×W (or 3×H×W) already normalised."""
+    if isinstance(image, Image.Image):
+        image = np.asarray(rgb_photo(image))
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"segment: a NumPy image must be H×W×3 uint8 RGB, not {image.shape} {image.dtype}")
+        image = torch.from_numpy(np.array(image, order="C")).permute(2, 0, 1)  # a copy: the caller's stays theirs
+    if not torch.is_tensor(image):
+        raise TypeError(f"segment: an image is a PIL image, a NumPy array or a tensor, not {type(image).__name__}")
+    if image.dim() == 3:
+        image = image[None]
+    if image.dim() != 4 or tuple(image.shape[:2]) != (1, 3):
+        raise ValueError(f"segment: one RGB image, 3×H×W or 1×3×H×W, not {tuple(image.shape)}")
+    if image.dtype == torch.uint8:
+        return normalize(image)
+    if not image.is_floating_point():
+        raise ValueError(f"segment: a tensor image is uint8 (0..255) or normalised float, not {image.dtype}")
+    return image.float()
+
+
+def segment(model, image, info=None, protocol=None, scores=False, *, crop_size=None, base_size=None, dataset=None,
+            amp=False, window_batch=None):
+    """The class of every pixel of one image: H×W int64 class indices on the CPU (eval.py --images calls this).
+
+        model, info = zoo.load_model("encnet_resnet50s_ade")
+        classes = protocols.segment(model, Image.open("photo.jpg"), info)   # info["classes"][classes[y, x]]
+
+    image: a PIL image (any mode, as RGB; for a phone photo apply PIL.ImageOps.exif_transpose first, as eval.py
+    does, or the map follows the stored pixels), an H×W×3 uint8 NumPy array, a 3×H×W uint8 tensor, or a
+    1×3×H×W float tensor already normalised (transforms.normalize). It goes to the model's device and dtype.
+    info: zoo.load_model's (default: `model.info`, which torch.hub's models carry); its crop_size, base_size
+    and dataset, unless given here. protocol: 'repo', 'repo-ms', 'released', 'mmseg' or 'mmseg-ms' (see the
+    top of this file); default: the model's own (default_protocol). scores=True: (classes, the protocol's
+    1×K×H×W scores at full resolution, on the CPU: probabilities for repo and mmseg, sums of exp(logits) for
+    released); without it no full-resolution score map is ever made (class_map works a band of rows at a time).
+    The model runs in eval mode (its mode is restored afterwards). amp, window_batch: as eval.py's flags."""
+    info = info if info is not None else getattr(model, "info", None)
+    if info is None and (crop_size is None or base_size is None):
+        raise ValueError("segment: pass the model's info (zoo.load_model returns it with the model), or crop_size "
+                         "and base_size")
+    info = info or {}
+    protocol = protocol or default_protocol(info, dataset)
+    if protocol not in (*PROTOCOLS, "repo-ms"):
+        raise ValueError(f"segment: protocol {protocol!r} is none of {', '.join((*PROTOCOLS, 'repo-ms'))}")
+    predictor = make_predictor(protocol, crop_size or info["crop_size"], base_size or info["base_size"],
+                               dataset or info.get("dataset"), amp, window_batch)
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+    normalised = normalised_image(image).to(device=device, dtype=dtype)
+    training = model.training
+    model.eval()
+    try:
+        views = predictor(model, normalised)
+    finally:
+        model.train(training)
+    size = tuple(normalised.shape[-2:])
+    classes = class_map(views, size).cpu()
+    return (classes, full_scores(views, size).cpu()) if scores else classes

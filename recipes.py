@@ -77,6 +77,9 @@ DATASET_RECIPES = {
     "context": dict(PAPER_RECIPE, data="context", lr=0.02, epochs=3, crop_size=CONTEXT_WIDTH,
                     base_size=CONTEXT_WIDTH, head_lr_mult=10.0, backbone="resnet18", pretrained=None, width=16,
                     head_width=64, workers=0),
+    # your own data (data.FolderDataset): the paper's recipe at ADE20K's lr; 50 epochs (PASCAL's) as a start.
+    # A small dataset (hundreds of images) has few iterations per epoch: see train_seg.py --help, --data
+    "folder": dict(PAPER_RECIPE, data="folder", lr=0.01, epochs=50),
 }
 
 RECIPES = {

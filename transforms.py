@@ -6,6 +6,7 @@
     photometric_distortion  mmsegmentation's PhotoMetricDistortion
     center_crop             the quick validation's resize-and-cut
     normalize               uint8 → normalised float32, on the device after the transfer (a quarter of the bytes)
+    eight_bit, to_rgb       the one conversion of every image read: 16-bit scaled to 8 bits, 32-bit refused
 
 Every random number comes from the rng the caller passes (data.py seeds it per item): an augmented sample
 depends only on (seed, epoch, index).
@@ -246,6 +247,24 @@ def center_crop(image, label, size):
     box = ((w - bw) / 2, (h - bh) / 2, (w + bw) / 2, (h + bh) / 2)  # in the original's coordinates
     return (image.resize((crop_w, crop_h), Image.Resampling.BILINEAR, box),
             label.resize((crop_w, crop_h), Image.Resampling.NEAREST, box))
+
+
+def eight_bit(image):
+    """A PIL image as a photo of 8 bits per channel, for .convert("RGB"): 16-bit images (modes I;16*) scaled to 8
+    bits, v >> 8 (Pillow's own conversion would clip them to white); 32-bit integer ('I') or floating-point ('F')
+    images, which have no photo's range, refused (ValueError). Every other image comes back as it is, not
+    decoded: a JPEG opened but not yet loaded keeps its reduced decode (augment_train's draft)."""
+    if image.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8), mode="L")
+    if image.mode in ("I", "F"):
+        raise ValueError(f"a {'32-bit integer' if image.mode == 'I' else 'floating-point'} image, not a photo of "
+                         f"8 or 16 bits per channel: convert it first")
+    return image
+
+
+def to_rgb(image):
+    """The one conversion of every image read (datasets, eval.py's photos, protocols.segment): eight_bit, as RGB."""
+    return eight_bit(image).convert("RGB")
 
 
 def image_tensor(image):

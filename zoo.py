@@ -18,6 +18,7 @@ flips the sign, so `layers.Encoding` keeps the paper's convention.
 import hashlib
 import os
 import pickle
+import re
 import shutil
 import zipfile
 
@@ -25,11 +26,24 @@ import torch
 
 import data
 import encnet
+import layouts
 import protocols
+import recipes
 from errors import CheckpointError, DownloadError
 
 
 # ----------------------------------------------------------------------------- reading files
+
+# weights_only's refusals of what a pickle would import, call or build, in the words of torch 1.13–2.13 (matched
+# case-insensitively): 'Unsupported class os.system' (to 2.3), 'Unsupported global: GLOBAL io.open was not an
+# allowed global by default' (2.4+), 'Trying to load unsupported GLOBAL posix.system whose module posix is blocked'
+# (2.6+), 'Trying to call reduce for unrecognized function …' (REDUCE), 'Can only build …' (BUILD), 'Can only
+# create new object for …' (NEWOBJ), '… must be imported to load …'. 'Unsupported operand' is a damaged pickle.
+CODE_REFUSED = re.compile(r"unsupported (?:global|class)|whose module \S+ is blocked|not an allowed global|"
+                          r"reduce for unrecognized function|can only (?:build|create new object)|"
+                          r"must be imported to load", re.IGNORECASE)
+CODE_NAME = re.compile(r"GLOBAL (\S+)|unsupported class (\S+)|unrecognized function (\S+)", re.IGNORECASE)
+
 
 def read_checkpoint(path):
     """torch.load(path, weights_only=True): tensors and plain values only, never someone else's code.
@@ -52,9 +66,12 @@ def read_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):  # weights_only's refusal (torch's own advice is what we never do)
-            raise CheckpointError(f"{path} holds Python objects other than tensors and plain values; this project "
-                                  f"loads checkpoints with weights_only=True and does not run what they carry") from None
+        if CODE_REFUSED.search(str(e)):  # weights_only's refusal (torch's own advice is what we never do)
+            found = CODE_NAME.search(str(e))
+            name = f" ({next(g for g in found.groups() if g).rstrip('.,:;')})" if found else ""
+            raise CheckpointError(f"{path} holds Python code or objects{name} besides tensors and plain values: it "
+                                  f"was refused and none of it was run (this project loads checkpoints with "
+                                  f"weights_only=True and does not run what they carry)") from None
         raise CheckpointError(f"{path} ({size:,} bytes) is a damaged torch.save file") from None
     except Exception:  # the zip reader's errors on a truncated file
         raise CheckpointError(f"{path} ({size:,} bytes) is a damaged or truncated torch.save file: an interrupted "
@@ -348,12 +365,42 @@ def zoo_model_args(state, backbone, fmt, source):
                if k not in state]
     if missing:
         raise CheckpointError(f"{source}: not a complete EncNet, it lacks (in this repo's names) {', '.join(missing)}")
-    # both zoos: the residual gate relu(x + x ⊗ γ), no second Context Encoding Module on stage 3
     return dict(encnet.ARCHITECTURE, num_classes=state["classifier.1.weight"].shape[0], backbone=backbone,
                 num_codes=state["enc_module.encoding.0.codewords"].shape[0],
                 se_loss="enc_module.se_classifier.weight" in state, aux="aux_head.2.weight" in state,
                 lateral="lateral.0.0.weight" in state, head_width=state["conv5.0.weight"].shape[0],
-                residual_gate=True, stage3_encoding=False, align_corners=fmt == "released", dropout2d=fmt == "mmseg")
+                **zoo_conventions(fmt))
+
+
+def zoo_conventions(fmt):
+    """What a zoo's files do not show in their shapes: both zoos' residual gate relu(x + x ⊗ γ), no second
+    Context Encoding Module on stage 3; the authors' align_corners=True, mmsegmentation's Dropout2d."""
+    return dict(residual_gate=True, stage3_encoding=False, align_corners=fmt == "released", dropout2d=fmt == "mmseg")
+
+
+def published_model_args(name):
+    """The model arguments (as encnet.model_from_args takes them) of the published model `name`, without its
+    file: its recipe's backbone, head width, lateral fusion and auxiliary head (recipes.RECIPES), its dataset's
+    class count, 32 codewords and the SE head, and the zoo's conventions: what load_model reads from the file."""
+    if name not in recipes.RECIPES:
+        raise CheckpointError(f"{name}: not a published model ({', '.join(zoo_names())})")
+    recipe = recipes.RECIPES[name]
+    fmt = "released" if name in RELEASED_SHA1 else "mmseg"
+    return dict(encnet.ARCHITECTURE, num_classes=data.dataset_info(recipe["data"])["num_classes"],
+                backbone=recipe["backbone"], num_codes=32, se_loss=True, aux=recipe["aux"], lateral=recipe["lateral"],
+                head_width=recipe["head_width"], width=recipe["width"], **zoo_conventions(fmt))
+
+
+def published_info(name):
+    """load_model's `info` of the published model `name` without its file (no 'path'): for a model built
+    by published_model_args, e.g. torch.hub's pretrained=False."""
+    args = published_model_args(name)
+    fmt, dataset = ("released" if name in RELEASED_SHA1 else "mmseg"), recipes.RECIPES[name]["data"]
+    classes = data.dataset_info(dataset)
+    crop_size, base_size = eval_sizes(fmt, dataset, args["backbone"])
+    return {"format": fmt, "name": name, "source": name, "path": None, "dataset": dataset,
+            "num_classes": args["num_classes"], "classes": classes["classes"], "palette": classes["palette"],
+            "crop_size": crop_size, "base_size": base_size, "backbone": args["backbone"], "args": args}
 
 
 def checkpoint_format(checkpoint, source):
@@ -407,8 +454,7 @@ def class_names(dataset, num_classes, meta):
             info = data.dataset_info(dataset)
             classes, palette = info["classes"], info["palette"]
         else:
-            classes = [f"class {i}" for i in range(num_classes)]
-            palette = [[37 * i % 256, 97 * i % 256, 157 * i % 256] for i in range(num_classes)]
+            classes, palette = [f"class {i}" for i in range(num_classes)], layouts.distinct_palette(num_classes)
     return [str(c) for c in classes], [[int(v) for v in c] for c in palette]
 
 

@@ -1,0 +1,170 @@
+"""Run an exported EncNet without this repo's torch code: NumPy + onnxruntime, the default protocol 'repo' single-scale.
+
+    python eval.py --checkpoint runs/seg/checkpoint.pth --export encnet.onnx   # once, with this repo
+    python deploy.py encnet.onnx photo.jpg more.jpg --out predictions/         # anywhere: numpy, pillow, onnxruntime
+
+    import deploy
+    model = deploy.Model("encnet.onnx")                # the graph and the metadata of export.export_metadata
+    classes = model.segment(np.asarray(photo))         # H×W uint8 RGB → H×W int64 class indices
+    model.classes[classes[y, x]], model.palette[...]   # names and colours
+
+The graph alone is not the prediction: run on the whole photo at full resolution, or on the photo resized to
+base size, it sees the scene at another scale, or in other windows, than in training, and agrees with eval.py on a
+fraction of the pixels only. The prediction is the test-time procedure of the file's metadata, protocols.py's
+'repo' at one scale, step by step as here:
+  1. normalise: (pixel − 255·mean) / (255·std) in float32, RGB, 3×H×W
+  2. resize: long side to base_size, the other int(side·base_size/long + 0.5); bilinear, align_corners=False
+  3. windows: a resized image within crop_size × crop_size is one forward, unpadded; otherwise it is zero-padded
+     (bottom, right) up to crop_size where smaller, and crop-sized windows at stride int(2/3·crop_size), the last
+     row and column shifted back to end at the border, go through the model; logits averaged where they overlap
+  4. the logits resized to the photo's size (bilinear, align_corners=False); softmax; the class is the argmax
+It equals `eval.py --images` (protocols.segment) for a model whose own protocol is 'repo' (the metadata's
+'model_protocol'; for the others `eval.py --protocol repo`), up to float rounding: onnxruntime's kernels are not
+PyTorch's, so a pixel whose two best classes are within ~1e-5 of each other may differ.
+
+Imports numpy, PIL and onnxruntime only (not torch, nothing of this repo): copy this file beside the .onnx file.
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+import onnxruntime
+from PIL import Image, ImageOps
+
+
+def source_index(out_size, in_size):
+    """Bilinear interpolation along one axis as PyTorch's F.interpolate(align_corners=False) computes it on a CPU
+    (protocols.source_rows has the formula): for each output index → (lower source index, upper source index,
+    float32 weight of the upper). PyTorch's arithmetic: the scale in/out divided in float32, the source position
+    scale·(i + ½) − ½ rounded once to float32 (its x86 build fuses the multiply-add), clamped at 0."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = np.maximum((np.float64(scale) * (np.arange(out_size) + 0.5) - 0.5).astype(np.float32), np.float32(0))
+    low = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    return low, np.minimum(low + 1, in_size - 1), np.clip(src - low.astype(np.float32), 0, 1).astype(np.float32)
+
+
+def resize(array, size, rows=None):
+    """C×h×w float32 → C×H×W, bilinear, align_corners=False: along the width, then along the height, as
+    F.interpolate adds its terms. rows: a range of output rows to make (default: all H)."""
+    (h, w), (height, width) = array.shape[-2:], size
+    rows = rows or range(height)
+    low, high, upper = (a[rows.start:rows.stop] for a in source_index(height, h))
+    left, right, right_weight = source_index(width, w)
+    needed = np.unique(np.concatenate([low, high]))  # only the source rows these output rows read
+    position = np.searchsorted(needed, [low, high])
+    part = array[:, needed]
+    across = part[:, :, left] * (1 - right_weight) + part[:, :, right] * right_weight
+    return across[:, position[0]] * (1 - upper)[:, None] + across[:, position[1]] * upper[:, None]
+
+
+def softmax(logits):
+    """Over the classes (axis 0)."""
+    e = np.exp(logits - logits.max(0, keepdims=True))
+    return e / e.sum(0, keepdims=True)
+
+
+class Model:
+    """An exported EncNet (eval.py --export FILE.onnx) in onnxruntime, with its test-time procedure.
+
+    classes, palette, crop_size, base_size, window_stride, mean, std: from the file's metadata;
+    model_protocol: the protocol eval.py uses by default for this model ('repo': the one run here)."""
+
+    def __init__(self, path, providers=None):
+        self.session = onnxruntime.InferenceSession(path, providers=providers or onnxruntime.get_available_providers())
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "crop_size" not in meta or "mean" not in meta:
+            raise ValueError(f"{path}: no EncNet metadata (crop_size, mean, ...): export it with eval.py --export")
+        self.crop_size, self.base_size = int(json.loads(meta["crop_size"])), int(json.loads(meta["base_size"]))
+        self.window_stride = int(json.loads(meta.get("window_stride", "0"))) or max(1, int(self.crop_size * 2 / 3))
+        self.mean = np.asarray(json.loads(meta["mean"]), np.float32) * np.float32(255)
+        self.std = np.asarray(json.loads(meta["std"]), np.float32) * np.float32(255)
+        self.classes, self.palette = json.loads(meta["classes"]), json.loads(meta["palette"])
+        self.model_protocol = meta.get("model_protocol", "repo")
+        self.input = self.session.get_inputs()[0].name
+
+    def forward(self, images):
+        """B×3×h×w normalised float32 → B×K×h×w logits: the graph itself."""
+        return self.session.run(None, {self.input: np.ascontiguousarray(images, np.float32)})[0]
+
+    def normalise(self, image):
+        """H×W×3 uint8 RGB → 3×H×W float32 (step 1)."""
+        chw = np.asarray(image, np.float32).transpose(2, 0, 1)
+        return (chw - self.mean[:, None, None]) / self.std[:, None, None]
+
+    def resized(self, image):
+        """3×H×W normalised → its long side at base size (step 2)."""
+        _, h, w = image.shape
+        long_side = self.base_size
+        size = (long_side, int(w * long_side / h + 0.5)) if h >= w else (int(h * long_side / w + 0.5), long_side)
+        return resize(image, size)
+
+    def window_logits(self, image):
+        """3×h×w normalised → K×h×w logits of the windows, averaged where they overlap (step 3)."""
+        _, h, w = image.shape
+        crop, stride = self.crop_size, self.window_stride
+        if h <= crop and w <= crop:
+            return self.forward(image[None])[0]
+        ph, pw = max(h, crop), max(w, crop)
+        padded = np.zeros((3, ph, pw), np.float32)
+        padded[:, :h, :w] = image
+        ys = sorted({min(y, ph - crop) for y in range(0, ph - crop + stride, stride)})
+        xs = sorted({min(x, pw - crop) for x in range(0, pw - crop + stride, stride)})
+        total, count = None, np.zeros((1, ph, pw), np.float32)
+        for y in ys:
+            for x in xs:
+                logits = self.forward(padded[None, :, y:y + crop, x:x + crop])[0]
+                if total is None:
+                    total = np.zeros((logits.shape[0], ph, pw), np.float32)
+                total[:, y:y + crop, x:x + crop] += logits
+                count[:, y:y + crop, x:x + crop] += 1
+        return (total / count)[:, :h, :w]
+
+    def segment(self, image, scores=False, band_bytes=64 << 20):
+        """H×W×3 uint8 RGB (a PIL image too) → H×W int64 class indices (steps 1–4). The logits are brought to the
+        photo's size a band of rows at a time (K × band × W floats: band_bytes), and the class is their argmax
+        (softmax keeps the order). scores=True: (classes, K×H×W softmax probabilities), for small images."""
+        image = np.asarray(image)
+        height, width = image.shape[:2]
+        logits = self.window_logits(self.resized(self.normalise(image)))
+        if scores:
+            probabilities = softmax(resize(logits, (height, width)))
+            return probabilities.argmax(0), probabilities
+        band = max(1, band_bytes // (4 * logits.shape[0] * width))
+        classes = np.empty((height, width), np.int64)
+        for start in range(0, height, band):
+            rows = range(start, min(start + band, height))
+            classes[rows.start:rows.stop] = resize(logits, (height, width), rows).argmax(0)
+        return classes
+
+
+def read_photo(path):
+    """An RGB photo turned upright by its EXIF orientation (16-bit images scaled to 8 bits), as eval.py reads it."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I;16"):
+            image = Image.fromarray((np.asarray(image, np.uint16) >> 8).astype(np.uint8), mode="L")
+        return image.convert("RGB")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="an ONNX file of eval.py --export")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--out", default="predictions", help="one colour PNG per image, NAME.png, goes here")
+    args = p.parse_args(argv)
+    model = Model(args.model)
+    if model.model_protocol != "repo":
+        print(f"note: eval.py's default for this model is protocol {model.model_protocol!r}; this is 'repo' "
+              f"(eval.py --protocol repo)")
+    palette = np.asarray(model.palette, np.uint8)
+    os.makedirs(args.out, exist_ok=True)
+    for path in args.images:
+        classes = model.segment(read_photo(path))
+        out = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0] + ".png")
+        Image.fromarray(palette[classes]).save(out)
+        print(f"{path} → {out}")
+
+
+if __name__ == "__main__":
+    main()
