@@ -18,6 +18,7 @@ import coco_masks
 import cv_resize
 import context_data
 import data
+import layouts
 import encnet
 import export
 import metric
@@ -42,7 +43,7 @@ def sequential_item(dataset, index, crop_size, base_size):
     """The released code's pipeline: flip → resize → rotate → pad → crop, whole images, Pillow."""
     image_path, label_path = dataset.samples[index]
     image = Image.open(image_path).convert("RGB")
-    raw = data.read_png_label(label_path)
+    raw = layouts.read_png_label(label_path)
     np.bincount(raw.ravel(), minlength=256)  # the same label check as the dataset's
     label = Image.fromarray(raw)
     rng = np.random.default_rng([dataset.seed, dataset.epoch, index])  # draws in augment_train's order

@@ -5,21 +5,25 @@
     continue_run        --resume: the run's settings from its checkpoint, explicit flags checked against them
     setup_distributed   process group (NCCL on GPUs, gloo on CPU) with a store fresh for every restart
     distribute          SyncBatchNorm, device, memory format, DDP and torch.compile around a model
-    save_checkpoint     atomic write (zoo.read_checkpoint reads every checkpoint)
+    check_writable      an output folder, probed before any work: a one-line error saying why it cannot be written
+    save_checkpoint     atomic write (zoo.read_checkpoint reads every checkpoint); a full disk is one line
+    EventLog            TensorBoard's SummaryWriter whose write errors (in its thread too) end the run in one line
     Schedule, batches   iterations per epoch and in all; the batches of the run, epoch after epoch, from any iteration
     Bookkeeping         after every step: the host sync every 10 steps, logs, divergence, checkpoints, Ctrl-C/SIGTERM
     loader_worker_signals  the loader's workers leave Ctrl-C and a scheduler's SIGTERM to the training process
     run_or_exit         a errors.UserError ends with its one line; any other exception is a bug and keeps its traceback
 
-Imports torch, syncbn and data's UserError only: nothing here knows about models.
+Imports torch (and its TensorBoard writer), syncbn and errors only: nothing here knows about models.
 """
 import argparse
+import errno
 import gc
 import math
 import os
 import shlex
 import signal
 import sys
+import tempfile
 import threading
 import time
 from typing import NamedTuple
@@ -28,7 +32,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
 
+import errors
 from errors import Diverged, FlagError, UserError
 from syncbn import convert_sync_batchnorm
 
@@ -109,26 +115,42 @@ def check_run_args(args):
 
 def check_output_dir(args):
     """--out must be creatable and writable, and must not hold another run unless it is continued (--resume):
-    a forgotten --resume would overwrite the checkpoint and mix TensorBoard logs. Nothing is created here;
-    --out is made later, once the data and weights are in place."""
+    a forgotten --resume would overwrite the checkpoint and mix TensorBoard logs. Nothing is created here
+    (check_writable's probe file is removed at once); --out is made later, once the data and weights are in place."""
     path = args.out
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        fail(f"--out {path} is not writable ({existing} is a file)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        fail(f"--out {path} is not writable (no write permission on {existing})")
-    checkpoint = os.path.join(path, "checkpoint.pth")
-    if args.resume and not os.path.isfile(checkpoint):
-        fail(f"--resume: no checkpoint at {checkpoint}")
-    if not args.resume and os.path.isdir(path):
+    check_writable(path, f"--out {path}")
+    if not args.resume and os.path.isdir(path):  # (a --resume without a checkpoint: `resuming` refuses it)
         found = sorted(f for f in os.listdir(path) if f in ("checkpoint.pth", "results.json")
                        or f.startswith("events.out.tfevents"))
         if found:
             shown = ", ".join(found[:3]) + (", …" if len(found) > 3 else "")
             fail(f"--out {path} already holds a run ({shown}); nothing was changed. Continue it with --resume "
                  f"(its settings come from its checkpoint), or start a new run with another --out")
+
+
+def check_writable(folder, what):
+    """Before any work: can files be written in `folder` (made later where missing)? A file is created and removed
+    at once in it, or in the deepest folder on its way that exists; where that fails, `fail` (one line, exit
+    status 2) says why: a file in the way, a read-only file system, no permission, no space. Permission bits alone
+    would not tell (root ignores them; a read-only mount keeps them). Nothing else is created. what: the flag and
+    its value as the message names them, e.g. '--out runs/x'."""
+    existing = os.path.abspath(folder)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        kind = "a broken link" if os.path.islink(existing) and not os.path.exists(existing) else "a file"
+        fail(f"{what} is not writable ({existing} is {kind}, not a folder)")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=existing)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as e:
+        reason = {errno.EROFS: f"{existing} is on the read-only file system mounted at {errors.mount_point(existing)}",
+                  errno.EACCES: f"no permission to write in {existing}",
+                  errno.EPERM: f"no permission to write in {existing}",
+                  errno.ENOSPC: f"no space left on the file system of {existing}",
+                  errno.EDQUOT: f"disk quota exceeded on the file system of {existing}"}
+        fail(f"{what} is not writable ({reason.get(e.errno, f'{existing}: {e.strerror}')})")
 
 
 def resuming(args):
@@ -262,19 +284,78 @@ def _end_on_sigterm_from(parent):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(state, path):
-    """Atomic write: temp file, fsync, rename. A crash at any moment leaves the previous file intact."""
+def save_checkpoint(state, path, intact=""):
+    """Atomic write: temp file, fsync, rename. A crash at any moment leaves the previous file intact. A full disk
+    (or another error of the file system) removes the temp file and raises errors.WriteError, one line naming the
+    checkpoint, the cause and `intact` (what is intact and what to do: see Bookkeeping.intact)."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    what = f"the checkpoint of iteration {state['iter']} ({path})" if "iter" in state else f"the checkpoint {path}"
+    with errors.writing(path, what, intact, partial=tmp):
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+
+
+class EventLog:
+    """TensorBoard's SummaryWriter (rank 0's) whose write errors end the run in one line (errors.WriteError: the
+    cause, the events folder, and `intact`, what is intact and what to do, a function; Bookkeeping sets it).
+
+    SummaryWriter writes in a thread of its own: an error there is kept and raised again by the next call (add_*,
+    flush; close flushes first, so that the last records' error is not lost), where it becomes the WriteError;
+    the thread's own traceback on stderr is silenced (install_quiet_event_thread). The events file is kept:
+    TensorBoard reads the records before the failed one."""
+
+    def __init__(self, out, intact=""):
+        self.out, self.intact = out, intact
+        install_quiet_event_thread()
+        with self._writing():
+            self.writer = SummaryWriter(out)
+
+    def _writing(self):
+        return self.writing(self.out, f"the TensorBoard events in {self.out}", partial=False)
+
+    def writing(self, path, what, partial=None):
+        """errors.writing for another output of the run (results.json, ...), saying what is intact as EventLog does."""
+        return errors.writing(path, what, lambda: self.intact() if callable(self.intact) else self.intact, partial)
+
+    def __getattr__(self, name):  # add_scalar, add_image, flush, ...: each call's errors as one line
+        if name == "writer":  # not made (SummaryWriter failed)
+            raise AttributeError(name)
+        method = getattr(self.writer, name)
+        if not callable(method):
+            return method
+
+        def call(*args, **kwargs):
+            with self._writing():
+                return method(*args, **kwargs)
+        return call
+
+    def close(self):
+        with self._writing():
+            self.writer.flush()  # raises the thread's error, which close itself would drop
+            self.writer.close()
+
+
+def install_quiet_event_thread():
+    """threading.excepthook, once per process: an error of the file system in TensorBoard's writer thread prints
+    no traceback (EventLog raises it again, as one line, in the training thread); everything else as before."""
+    previous = threading.excepthook
+    if getattr(previous, "quiet_event_thread", False):
+        return
+
+    def hook(args):
+        if type(args.thread).__name__ == "_AsyncWriterThread" and errors.write_failure(args.exc_value) is not None:
+            return
+        previous(args)
+    hook.quiet_event_thread = True
+    threading.excepthook = hook
 
 
 def plain_args(args):
@@ -396,9 +477,12 @@ class Bookkeeping:
     checkpoint(it) → the dict to save (rank 0 saves it); model: the weights checked for finiteness.
     """
 
-    def __init__(self, plan, start_iter, world, writer, log_every, global_batch, device, checkpoint_path,
+    def __init__(self, plan, start_iter, world, writer, *, log_every, global_batch, device, checkpoint_path,
                  checkpoint, model):
         self.plan, self.writer, self.path, self.checkpoint, self.model = plan, writer, checkpoint_path, checkpoint, model
+        self.saved = start_iter or None  # the iteration of the checkpoint on disk (a resumed run's, then each saved)
+        if isinstance(writer, EventLog):
+            writer.intact = self.intact  # a full disk under TensorBoard says what is intact too
         self.stats = StepStats(world)
         self.progress = Progress(log_every, plan.total_iters, start_iter, global_batch, device)
 
@@ -408,6 +492,13 @@ class Bookkeeping:
 
     def __exit__(self, *exc):
         self.stop.restore()  # after training, Ctrl-C simply interrupts again
+
+    def intact(self):
+        """After a failed write (a full disk): what the run still has and how to go on, in words."""
+        if self.saved is None:
+            return (f"no checkpoint was written yet; free space, then start again (with another --out, or after "
+                    f"deleting {os.path.dirname(self.path) or '.'})")
+        return f"the checkpoint of iteration {self.saved} is intact; free space and continue with: {resume_command()}"
 
     def after_step(self, it, **values):
         """it: iterations completed; values: the step's numbers (0-d tensors or floats; 'lr' and 'grad_norm'
@@ -422,7 +513,8 @@ class Bookkeeping:
         if due or stopping:
             check_finite_weights(self.model, it, self.path)
             if self.writer is not None:  # rank 0
-                save_checkpoint(self.checkpoint(it), self.path)
+                save_checkpoint(self.checkpoint(it), self.path, self.intact)
+                self.saved = it
         if stopping:
             raise Interrupted(self.stop.signum, it, self.path)
 

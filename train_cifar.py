@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from torch.utils.tensorboard import SummaryWriter
 
 import data
 import encnet
@@ -103,7 +102,8 @@ def final_evaluation(model, dataset, rank, world, device, args, writer, it):
     top1 = test_top1(model, dataset, rank, world, device, args)
     if rank == 0:
         writer.add_scalar("test/error", 1 - top1, it)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
+        results_path = os.path.join(args.out, "results.json")
+        with writer.writing(results_path, f"the final scores {results_path}"), open(results_path, "w") as f:
             json.dump({"top1": top1}, f)
         print(f"final: test top-1 {top1:.4f} ({args.model}, {it} iterations) → {args.out}/results.json", flush=True)
     return top1
@@ -135,7 +135,7 @@ def train(args):
     sampler = data.ShardedBatchSampler(len(train_set), args.batch_size, rank, world, seed=args.seed)
     writer = None
     if is_main:
-        writer = SummaryWriter(args.out)
+        writer = run.EventLog(args.out)
         params = sum(p.numel() for p in model.parameters())
         print(f"{args.model} ({params / 1e6:.2f}M parameters) on CIFAR-10, {world} process(es) on {device.type}, "
               f"{plan.total_iters} iterations from {start}", flush=True)
@@ -144,8 +144,9 @@ def train(args):
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
                 "epoch": it // plan.iters_per_epoch, "args": run.plain_args(args)}
 
-    with run.Bookkeeping(plan, start, world, writer, args.log_every, args.batch_size, device, checkpoint_path,
-                         checkpoint_state, model) as book:
+    with run.Bookkeeping(plan, start, world, writer, log_every=args.log_every, global_batch=args.batch_size,
+                         device=device, checkpoint_path=checkpoint_path, checkpoint=checkpoint_state,
+                         model=model) as book:
         for it, (images, labels) in run.batches(train_set, sampler, plan, start, args.workers, device):
             run.seed_step(args.seed, it, rank)  # EncodingDrop's draws depend only on (seed, iteration, rank)
             lr = cosine_lr(optimizer, args.lr, it, plan.total_iters)

@@ -4,6 +4,7 @@
     python train_seg.py --model fcn                        # the FCN baseline on the same data
     torchrun --nproc_per_node 8 train_seg.py --data ade20k --data-root DATA    # ADE20K, 8 GPUs
     torchrun --nproc_per_node 4 train_seg.py --recipe encnet_resnet50s_ade --data-root DATA   # as published
+    python train_seg.py --data folder --data-root MINE --init encnet_resnet50s_ade      # your own data (--data)
 
 One process per GPU (or CPU process under gloo), synchronized BatchNorm across all of them,
 poly learning rate per iteration, checkpoints that resume to the same weights as an
@@ -14,14 +15,15 @@ import argparse
 import json
 import os
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
-from torch.utils.tensorboard import SummaryWriter
 
 import context_data
 import data
 import encnet
+import explain
 import protocols
 import recipes
 import run
@@ -34,7 +36,7 @@ from protocols import make_predictor, predict, predicted_classes
 RUN_DEFINING = (*encnet.ARCHITECTURE, "data", "split", "batch_size", "epochs", "max_iters", "lr", "min_lr",
                 "poly_horizon", "head_lr_mult", "momentum", "weight_decay", "crop_size", "base_size", "random_scale",
                 "scale_box", "blur", "max_rotation", "cat_max_ratio", "photometric", "pad", "seed", "se_weight",
-                "aux_weight", "loss_mean", "loss_group", "recipe")
+                "aux_weight", "loss_mean", "loss_group", "recipe", "pretrained")
 
 
 def size(text):
@@ -55,7 +57,15 @@ def get_args(argv=None):
                                 allow_abbrev=False)
     recipe_flag = argparse.BooleanOptionalAction  # --x / --no-x, default from the recipe
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="context", choices=sorted(recipes.DATASET_RECIPES), help="dataset (context: built in, no download)")
+    g.add_argument("--data", default="context", choices=sorted(recipes.DATASET_RECIPES),
+                   help="dataset (context: built in, no download). folder: your own data under --data-root: "
+                        "ROOT/classes.json {\"classes\": [names], \"palette\": [[r, g, b], ...] (optional)}, "
+                        "ROOT/images/{train,val}/NAME.jpg, ROOT/labels/{train,val}/NAME.png (class indices, 255 "
+                        "unlabelled, or the palette's colours; subfolders mirrored); the paper's recipe, 50 epochs at "
+                        "lr 0.01, or a --recipe NAME's. A small dataset (hundreds of images) has few iterations per "
+                        "epoch: set the length with --max-iters (thousands), a crop near the images' size (e.g. "
+                        "--crop-size 256 --base-size 288; fewer pixels also suit a CPU), and keep pretrained weights "
+                        "(--pretrained imagenet, the default, or --init NAME of a published model)")
     g.add_argument("--recipe", choices=sorted(recipes.RECIPES),
                    help="train a published model as it was trained (its dataset, model, schedule, loss, "
                         "augmentation and evaluation; see the table below)")
@@ -128,27 +138,46 @@ def get_args(argv=None):
     g.add_argument("--val-every", type=int, default=0, help="quick validation every N epochs (0: only at the end)")
     g.add_argument("--protocol", choices=["repo", "released", "mmseg"],
                    help="the final evaluation's protocol (eval.py --protocol; single-scale for repo and mmseg)")
+    # Not flags: the run's record, kept in its checkpoint's args and restored by --resume. began_from: how its
+    # weights began (starting_model; never changed after); command_flags: the flags its command lines gave.
+    p.set_defaults(began_from=None, command_flags=[])
     args = p.parse_args(argv)
     explicit = run.explicit_flags(p, argv)
     if args.resume and "init" in explicit:
         run.fail("--resume and --init contradict each other: resume continues this run, init starts a new one")
+    if args.pretrained in ("none", ""):
+        args.pretrained = None  # from scratch: None, on the command line as in the checkpoint
+    restored = set()  # what --resume took from the checkpoint: the recipe does not fill it again
     if run.resuming(args):
         saved = zoo.read_checkpoint(os.path.join(args.out, "checkpoint.pth"))["args"]
         for note in run.continue_run(args, saved, explicit, RUN_DEFINING):
             run.warn(note)
+        restored = {k for k in saved if hasattr(args, k) and k not in explicit}
+    args.command_flags = sorted(set(args.command_flags or ()) | explicit - {"resume", "out"})
     recipe = recipes.RECIPES[args.recipe] if args.recipe else recipes.DATASET_RECIPES[args.data]
     if args.recipe:
-        if "data" in explicit and args.data != recipe["data"]:
-            run.fail(f"--recipe {args.recipe} trains on {recipe['data']}, not --data {args.data}")
-        args.data = recipe["data"]
+        own_data = args.data == "folder"  # the recipe on your own data (given, or the resumed run's)
+        if "data" in explicit and args.data != recipe["data"] and not own_data:
+            run.fail(f"--recipe {args.recipe} trains on {recipe['data']}, not --data {args.data} (--data folder, "
+                     f"your own data, may replace it)")
+        if not own_data:
+            args.data = recipe["data"]
     length_in_epochs = args.epochs is not None  # then a recipe's iteration count does not apply
     for key, value in recipe.items():
-        if key == "max_iters" and length_in_epochs or key == "data":
-            continue
+        if key == "max_iters" and length_in_epochs or key == "data" or key in explicit or key in restored:
+            continue  # (a run resumed from scratch keeps pretrained None: the recipe's 'imagenet' is not its)
         if getattr(args, key) is None:
             setattr(args, key, run.default_workers(value) if key == "workers" else value)
-    if args.pretrained in ("none", ""):
-        args.pretrained = None
+    if args.init and not args.resume:
+        if args.pretrained and "pretrained" in explicit:
+            run.fail(f"--init and --pretrained contradict each other: the run begins from every weight of --init "
+                     f"{args.init}, its backbone's included")
+        args.pretrained = None  # the --init file's weights, not the recipe's ImageNet ones: the record says so
+    if args.protocol == "mmseg" and args.data not in protocols.MMSEG_TEST_BOX:
+        if "protocol" in explicit:
+            run.fail(f"--protocol mmseg: mmsegmentation has no test setting for --data {args.data}; use --protocol "
+                     f"repo or released")
+        args.protocol = "repo"  # an mmsegmentation recipe on your own data: evaluated with this repo's protocol
     check_args(args)
     return args
 
@@ -237,12 +266,12 @@ def train_step(net, optimizer, images, labels, args, world=1, rank=0):
     return loss, terms, grad_norm
 
 
-def starting_model(args, world, checkpoint, checkpoint_path):
+def starting_model(args, world, checkpoint, checkpoint_path, classes=None):
     """The model with its first weights: the checkpoint's (--resume), another run's or a published
-    model's (--init), or fresh with the backbone's pretrained weights (rank 0 fetches them first, so
-    that the other processes find them in torch.hub's cache)."""
+    model's (--init; classes: the names of the training data's classes), or fresh with the backbone's
+    pretrained weights (rank 0 fetches them first, so that the other processes find them in torch.hub's cache)."""
     if args.init and checkpoint is None:
-        return init_model(args)
+        return init_model(args, classes)
     torch.manual_seed(args.seed)  # the same initial weights on every process, whatever ran before
     model = encnet.model_from_args(vars(args))
     if checkpoint is not None:
@@ -254,7 +283,25 @@ def starting_model(args, world, checkpoint, checkpoint_path):
         zoo.load_backbone_weights(model.backbone, args.pretrained, args.backbone)
         if world > 1 and is_main:
             dist.barrier()
+    if checkpoint is None or not args.began_from:  # a resumed run keeps its record (older checkpoints lack one)
+        args.began_from = weights_origin(args)
     return model
+
+
+def weights_origin(args, info=None):
+    """How a run's weights began, in words: args.began_from, set when the run starts and kept by its checkpoints
+    ever after (the start line: 'from …', 'initialised from …', 'resumed from iteration N of a run that began
+    from …'). info: zoo.load_model's, of an --init file."""
+    if args.init:
+        if info is None:
+            return f"{args.init} (--init)"
+        where = {"train_seg": "a train_seg.py checkpoint", "released": "the authors' model zoo",
+                 "mmseg": "mmsegmentation's model zoo"}.get(info["format"], info["format"])
+        trained_on = info["dataset"] or f"data of {info['num_classes']} classes"
+        return f"{args.init} (--init: {where}, {info['args'].get('model', 'encnet')} {info['backbone']} on {trained_on})"
+    if args.pretrained:
+        return f"{args.pretrained} weights for the {args.backbone} backbone"
+    return "scratch (no pretrained weights)"
 
 
 # What --init leaves to the training command: which model to train and what to learn with it.
@@ -266,12 +313,13 @@ TRAINING_ONLY = ("stage3_encoding.", "aux_head.", "enc_module.se_classifier.")
 CLASS_LAYERS = ("classifier.1.", "head.2.", "enc_module.se_classifier.", "aux_head.2.", "stage3_encoding.se_classifier.")
 
 
-def init_model(args):
+def init_model(args, classes=None):
     """--init: a new run from the weights of another run (e.g. COCO → VOC) or of a published model.
 
     The architecture is the file's (backbone, head, gate, upsampling: args are updated, so that the
     run's checkpoint records it). Training-only modules the file lacks start fresh, and so do the
-    class-specific layers when --data has other classes than the file; they are named in one line.
+    class-specific layers when --data has other classes than the file (another count, or with `classes`
+    given, other names: your own data with as many classes as the file); they are named in one line.
     Every other weight must come from the file, and everything in the file must fit."""
     source, info = zoo.load_model(args.init)
     for key in encnet.ARCHITECTURE:
@@ -280,17 +328,21 @@ def init_model(args):
     torch.manual_seed(args.seed)  # the fresh layers' initial weights
     model = encnet.model_from_args(vars(args))
     state = source.state_dict()
-    fresh_prefixes = TRAINING_ONLY + (CLASS_LAYERS if info["num_classes"] != args.num_classes else ())
+    other_classes = info["num_classes"] != args.num_classes or \
+        classes is not None and [str(c) for c in classes] != [str(c) for c in info["classes"]]
+    fresh_prefixes = TRAINING_ONLY + (CLASS_LAYERS if other_classes else ())
     fresh = {k: v for k, v in model.state_dict().items() if k.startswith(fresh_prefixes)
-             and (k not in state or state[k].shape != v.shape)}
+             and (k not in state or state[k].shape != v.shape or other_classes and k.startswith(CLASS_LAYERS))}
     kept = {k: v for k, v in state.items() if k not in fresh}
     zoo.load_strict(model, {**kept, **fresh}, args.init)
     if fresh and int(os.environ.get("RANK", 0)) == 0:
         whole = [p for p in fresh_prefixes if all(k in fresh for k in model.state_dict() if k.startswith(p))]
         modules = sorted({min((p for p in whole if k.startswith(p)), key=len).rstrip(".") for k in fresh})
+        others = " other" if info["num_classes"] == args.num_classes else ""
         why = (f" (the file predicts {info['num_classes']} classes of {info['dataset']}, --data {args.data} has "
-               f"{args.num_classes})" if info["num_classes"] != args.num_classes else "")
+               f"{args.num_classes}{others})" if other_classes else "")
         print(f"--init {args.init}: {len(fresh)} tensors start fresh{why}: {', '.join(modules)}", flush=True)
+    args.began_from = weights_origin(args, info)
     return model
 
 
@@ -305,6 +357,26 @@ def validation_images(model, dataset, device, args, count=4):
         pred = predicted_classes(probs)[0].cpu()
         strips.append(torch.cat([image, data.colorize(label, palette), data.colorize(pred, palette)], 2))
     return strips
+
+
+def log_explanations(model, dataset, device, args, writer, step, count=4):
+    """TensorBoard, beside the validation strips: what the Context Encoding Module saw in the same first `count`
+    validation images (explain.py), so that a run shows when the model learns the scene:
+      val/assignment/{i}  the codeword assignment map at the image's size (strongest codeword's colour, its
+                          weight a_ik as brightness)
+      val/presence/{i}    the SE head's class-presence probabilities, the classes of the true label marked
+    Each image is seen whole with its long side at base size (explain.at_long_side). Nothing for a model
+    without the module (FCN) or with K = 0 codewords."""
+    try:
+        explain.context_module(model)
+    except ValueError:
+        return
+    for i in range(min(count, len(dataset))):
+        image, label = dataset[i]
+        view = explain.module_view(model, explain.at_long_side(transforms.normalize(image[None].to(device)),
+                                                               args.base_size))
+        for name, picture in explain.tensorboard_views(view, dataset.classes, label=label).items():
+            writer.add_image(f"val/{name}/{i}", picture, step)
 
 
 def quick_validation(model, dataset, rank, world, device, args):
@@ -327,7 +399,8 @@ def quick_validation(model, dataset, rank, world, device, args):
 
 def final_evaluation(model, dataset, rank, world, device, args, writer, it):
     """Whole images with the recipe's protocol (single-scale for 'repo' and 'mmseg', the authors' multi-scale for
-    'released') → results.json, per_class_iou.txt, TensorBoard. → (pixAcc, mIoU)."""
+    'released') → results.json, per_class_iou.txt, TensorBoard; for PASCAL-Context also the paper's 60-class figure,
+    mIoU · 59/60, as eval.py gives it (results.json 'mIoU60'). → (pixAcc, mIoU)."""
     crop = protocols.eval_crop(args.crop_size, args.base_size)
     predictor = make_predictor(args.protocol, crop, args.base_size, args.data, amp=args.amp)
     metric = evaluate(model, dataset, data.shard_indices(len(dataset), rank, world), device, predictor)
@@ -339,30 +412,104 @@ def final_evaluation(model, dataset, rank, world, device, args, writer, it):
         writer.add_scalar("val/mIoU", miou, it)
         for i, strip in enumerate(validation_images(model, dataset, device, args)):
             writer.add_image(f"val/input_truth_prediction/{i}", strip, it)
+        log_explanations(model, dataset, device, args, writer, it)
         header = f"{args.data} {args.split} → val, protocol {args.protocol}, {it} iterations, {args.out}/checkpoint.pth"
         table = per_class_table(metric, dataset.classes, absent_as_zero, header)
-        with open(os.path.join(args.out, "per_class_iou.txt"), "w") as f:
+        table_path = os.path.join(args.out, "per_class_iou.txt")
+        with writer.writing(table_path, f"the per-class table {table_path}"), open(table_path, "w") as f:
             f.write(table + "\n")
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump({"pixAcc": pix_acc, "mIoU": miou}, f)  # the contract; the table's header says how
+        results = {"pixAcc": pix_acc, "mIoU": miou}  # the contract; the table's header says how
+        if args.data == "pcontext" and not args.protocol.startswith("mmseg"):  # Table 2's figure, as eval.py's
+            results["mIoU60"] = miou * 59 / 60
+            writer.add_scalar("val/mIoU60", results["mIoU60"], it)
+        results_path = os.path.join(args.out, "results.json")
+        with writer.writing(results_path, f"the final scores {results_path}"), open(results_path, "w") as f:
+            json.dump(results, f)
         print(table)
+        if "mIoU60" in results:
+            print(f"mIoU with background as a 60th class (59/60 · mIoU): {100 * results['mIoU60']:.2f} %")
         print(f"final: pixAcc {100 * pix_acc:.2f} % mIoU {100 * miou:.2f} % ({args.model}, {args.data}, {it} "
               f"iterations, protocol {args.protocol}) → {args.out}/results.json", flush=True)
     return pix_acc, miou
 
 
+def run_recipe(args):
+    """The recipe the run's unset flags came from: --recipe NAME's, or --data NAME's (recipes.py)."""
+    return recipes.RECIPES[args.recipe] if args.recipe else recipes.DATASET_RECIPES[args.data]
+
+
+# The settings that no recipe holds (their flags' defaults), shown after the recipe's.
+OTHER_SETTINGS = ("model", "num_codes", "se_loss", "se_weight", "dropout", "momentum", "seed", "split", "val_every",
+                  "check_train", "amp", "channels_last", "compile")
+
+
+def shown(value):
+    return ("on" if value else "off") if isinstance(value, bool) else "none" if value is None else \
+        f"{value:g}" if isinstance(value, float) else recipes.show(value)
+
+
+def settings(args):
+    """Every setting of the run → [(name, value as shown, where it came from)], the recipe's keys first (in the
+    recipe's order), then OTHER_SETTINGS, then the rest of the args. Where from: 'flag' (a command line of the
+    run gave it), '--init' (the --init file's architecture, which wins over flags; no pretrained weights), 'recipe'
+    or 'default' (the flag's own default)."""
+    recipe, values = run_recipe(args), run.plain_args(args)
+    from_init = {k for k in encnet.ARCHITECTURE if k not in TRAINING_CHOICES} | {"pretrained"} if args.init else set()
+    order = [k for k in recipe if k != "data"] + [k for k in OTHER_SETTINGS if k not in recipe]
+    order += [k for k in values if k not in order and k not in ("began_from", "command_flags")]
+    rows = []
+    for key in order:
+        source = ("--init" if key in from_init else "flag" if key in args.command_flags else
+                  "recipe" if key in recipe else "default")
+        rows.append((key, shown(values.get(key)), source))
+    return rows
+
+
+def settings_markdown(args, start_line):
+    """The run's settings as the Markdown table TensorBoard's text tab shows (writer.add_text 'settings')."""
+    escape = lambda text: str(text).replace("|", "\\|")  # noqa: E731
+    return "\n".join([f"    {line}" for line in start_line.splitlines()] + [
+        "", "| setting | value | from |", "|---|---|---|",
+        *(f"| {key.replace('_', '-')} | {escape(value)} | {source} |" for key, value, source in settings(args)),
+        f"| weights began from | {escape(args.began_from)} | the run's record |"])
+
+
+def precision(args, device):
+    """Whether the run computes in bf16 (--amp) or float32, in words."""
+    if not args.amp:
+        return "float32"
+    slow = device.type == "cpu" and not run.cpu_has_fast_bf16()
+    return f"bf16 autocast (--amp){', emulated on this CPU: slow' if slow else ''}"
+
+
 def describe(args, plan, world, device, start, num_images):
-    """The start line: what is trained, on what, and the effective recipe."""
+    """The start line: what is trained, on what, from which weights (args.began_from), and every setting: the
+    recipe's keys, '(flag)' where a command line of the run set one, '(--init)' where the --init file did."""
     recipe = f"--recipe {args.recipe}" if args.recipe else f"the {args.data} defaults"
-    pretrained = args.pretrained or "no pretraining"
-    return (f"{args.model} on {args.data} ({num_images} train images, {args.num_classes} classes), {world} process(es) "
-            f"on {device.type}, {plan.total_iters} iterations from {start}\n"
-            f"recipe ({recipe}): {args.backbone} ({pretrained}), batch {args.batch_size}, crop {recipes.show(args.crop_size)}, "
-            f"lr {args.lr:g} (head ×{args.head_lr_mult:g}, poly to {args.min_lr:g}), weight decay {args.weight_decay:g}, "
-            f"momentum {args.momentum:g}, SE-loss {args.se_weight if args.se_loss and args.model == 'encnet' else 'off'}, "
-            f"aux {args.aux_weight if args.aux else 'off'}, loss mean over {args.loss_mean} pixels"
-            f"{f' of groups of {args.loss_group} images' if args.loss_group else ''}, random scale {args.random_scale}, "
-            f"protocol {args.protocol}")
+    if args.resume:
+        weights = f"resumed from iteration {start} of a run that began from {args.began_from}"
+    else:
+        weights = f"{'initialised ' if args.init else ''}from {args.began_from}"
+    rows, keys = settings(args), set(run_recipe(args))
+    unused = {"epochs"} if args.max_iters else set()  # --max-iters sets the length
+
+    def item(key, value, source):
+        mark = f" ({source})" if source in ("flag", "--init") else ""
+        return f"{key.replace('_', '-')} {value}{mark}{' (unused: --max-iters sets the length)' if key in unused else ''}"
+    def wrap(head, items, width=118):  # lines broken between items only
+        lines = [head]
+        for i, text in enumerate(items):
+            text += "," if i < len(items) - 1 else ""
+            if len(lines[-1]) + 1 + len(text) > width:
+                lines.append(" ")
+            lines[-1] += " " + text
+        return "\n".join(lines)
+    return "\n".join([
+        f"{args.model} on {args.data} ({num_images} train images, {args.num_classes} classes), {world} process(es) "
+        f"on {device.type}, {plan.total_iters} iterations from {start}, {precision(args, device)}",
+        f"weights: {weights}",
+        wrap(f"recipe ({recipe}; '(flag)': set on the command line):", [item(*row) for row in rows if row[0] in keys]),
+        wrap("other settings:", [item(*row) for row in rows if row[0] in OTHER_SETTINGS and row[0] not in keys])])
 
 
 # ----------------------------------------------------------------------------- training
@@ -379,12 +526,21 @@ def train(args):
     args.num_classes = train_set.num_classes
     # The splits are read now, not hours into training (each process its shard): every image and label decoded.
     data.check_dataset(val_full, max(1, args.workers), data.shard_indices(len(val_full), rank, world))
+    frequencies = []  # the share of each class in the training split, counted while it is checked
     if args.check_train and not args.resume:
-        data.check_dataset(train_set, max(1, args.workers), data.shard_indices(len(train_set), rank, world))
+        histogram = np.zeros(256, np.int64)
+        data.check_dataset(train_set, max(1, args.workers), data.shard_indices(len(train_set), rank, world),
+                           histogram=histogram)
+        if isinstance(train_set, data.SegmentationDataset):
+            counts = torch.from_numpy(data.class_pixel_counts(train_set, histogram))
+            if world > 1:
+                counts = counts.to(device)
+                dist.all_reduce(counts)
+            frequencies = data.class_frequencies(train_set.classes, counts.cpu().numpy(), f"training ({args.split})")
 
     checkpoint_path = os.path.join(args.out, "checkpoint.pth")
     checkpoint = zoo.read_checkpoint(checkpoint_path) if args.resume else None
-    model = starting_model(args, world, checkpoint, checkpoint_path)
+    model = starting_model(args, world, checkpoint, checkpoint_path, train_set.classes)
     model, net = run.distribute(model, world, device, args.channels_last, args.compile)
     optimizer = build_optimizer(model, args)
     if checkpoint is not None:
@@ -397,16 +553,21 @@ def train(args):
     sampler = data.ShardedBatchSampler(len(train_set), args.batch_size, rank, world, seed=args.seed)
     writer = None
     if is_main:
-        writer = SummaryWriter(args.out)  # creates --out: only now that data and weights are in place
-        print(describe(args, plan, world, device, start, len(train_set)), flush=True)
+        writer = run.EventLog(args.out)  # creates --out: only now that data and weights are in place
+        start_line = describe(args, plan, world, device, start, len(train_set))
+        print(start_line, flush=True)
+        writer.add_text("settings", settings_markdown(args, start_line), start)  # TensorBoard's text tab
+        if frequencies:
+            print("\n".join(frequencies), flush=True)
 
     def checkpoint_state(it):
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
                 "epoch": it // plan.iters_per_epoch, "args": run.plain_args(args), "classes": list(train_set.classes),
                 "palette": [list(c) for c in train_set.palette]}
 
-    with run.Bookkeeping(plan, start, world, writer, args.log_every, args.batch_size, device, checkpoint_path,
-                         checkpoint_state, model) as book:
+    with run.Bookkeeping(plan, start, world, writer, log_every=args.log_every, global_batch=args.batch_size,
+                         device=device, checkpoint_path=checkpoint_path, checkpoint=checkpoint_state,
+                         model=model) as book:
         for it, (images, labels) in run.batches(train_set, sampler, plan, start, args.workers, device):
             run.seed_step(args.seed, it, rank)  # dropout's draws depend only on (seed, iteration, rank)
             lr = poly_lr(optimizer, args.lr, it, horizon, args.min_lr)
@@ -417,10 +578,11 @@ def train(args):
             if plan.validation_due(it + 1, args.val_every):
                 pix_acc, miou = quick_validation(model, val_quick, rank, world, device, args)
                 if is_main:
-                    print(f"epoch {(it + 1) // plan.iters_per_epoch} | quick val pixAcc {pix_acc:.4f} "
-                          f"mIoU {miou:.4f}", flush=True)
+                    print(f"epoch {(it + 1) // plan.iters_per_epoch} | quick val pixAcc {100 * pix_acc:.2f} % "
+                          f"mIoU {100 * miou:.2f} %", flush=True)
                     writer.add_scalar("val/pixAcc", pix_acc, it + 1)
                     writer.add_scalar("val/mIoU", miou, it + 1)
+                    log_explanations(model, val_full, device, args, writer, it + 1)
 
     result = final_evaluation(model, val_full, rank, world, device, args, writer, plan.total_iters)
     if is_main:
