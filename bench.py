@@ -451,7 +451,7 @@ def side_by_side(device, size, batch, width, head_width, mmseg_folder, block, re
             def run_block(net=net, optimizer=optimizer, step_args=step_args, ours_images=ours_images):
                 stats = run.StepStats(world=1)
                 for it in range(block):
-                    run.seed_step(0, it, 0)
+                    run.seed_step(0, it, net, 0, len(labels))
                     lr = train_seg.poly_lr(optimizer, step_args.lr, it, 80000, step_args.min_lr)
                     loss, terms, grad_norm = train_seg.train_step(net, optimizer, ours_images, labels, step_args)
                     stats.add(it, loss=loss, **terms, grad_norm=grad_norm, lr=lr)

@@ -4,6 +4,8 @@ A single file that imports nothing but torch: copy it into your project.
 
     Encoding             Eq. 1: soft-assign N features to K codewords, aggregate the residuals  B×C×H×W → B×K×C
     EncodingDrop         Encoding whose smoothing factors are redrawn every training step (Sec. 3.5)
+    SampleDropout        dropout whose masks are drawn per sample from a seed the trainer gives (seed_samples),
+                         so that N processes drop what one process would (used before the classifiers)
     EncModule            the Context Encoding Module of Fig. 2: featuremap attention γ and SE-loss logits
     semantic_encoder, encoded_semantics   its Encoding → BN → ReLU → mean path (also the stage-3 module's)
     se_targets           ground truth of the Semantic Encoding loss: which classes each image contains
@@ -148,6 +150,40 @@ class EncodingDrop(Encoding):
         else:
             self.scale.fill_(0.5)
         return encode(x, self.codewords, self.scale)
+
+
+class SampleDropout(nn.Module):
+    """Dropout of single activations, or of whole channels (channelwise: as nn.Dropout2d), whose masks can be
+    drawn per sample: after seed_samples(model, seeds) the training forward draws sample i's mask from a
+    generator seeded with seeds[i]. A trainer that derives seed i from (seed, iteration, the sample's index in
+    the global batch) drops the same units whatever the number of processes the batch is split over; without
+    seeds it is nn.Dropout / nn.Dropout2d, on torch's global RNG. Identity in eval mode, no parameters."""
+
+    def __init__(self, p=0.5, channelwise=False):
+        super().__init__()
+        self.p, self.channelwise, self.sample_seeds = p, channelwise, None
+
+    def forward(self, x):  # B×C×H×W (or B×C)
+        if not self.training or self.p == 0:
+            return x
+        if self.sample_seeds is None:
+            return (F.dropout2d if self.channelwise else F.dropout)(x, self.p, True)
+        if len(self.sample_seeds) != x.shape[0]:
+            raise ValueError(f"seed_samples gave {len(self.sample_seeds)} seeds for a batch of {x.shape[0]}")
+        shape = x.shape[1:2] + (1,) * (x.dim() - 2) if self.channelwise else x.shape[1:]
+        keep = torch.stack([torch.rand(shape, device=x.device, generator=torch.Generator(x.device).manual_seed(s))
+                            for s in self.sample_seeds]) >= self.p
+        return x * keep.to(x.dtype) / (1 - self.p)
+
+    def extra_repr(self):
+        return f"p={self.p}, channelwise={self.channelwise}"
+
+
+def seed_samples(module, seeds):
+    """Give every SampleDropout in `module` one seed per sample of the next training forward (ints)."""
+    for m in module.modules():
+        if isinstance(m, SampleDropout):
+            m.sample_seeds = list(seeds)
 
 
 class EncModule(nn.Module):

@@ -36,6 +36,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import errors
 from errors import Diverged, FlagError, UserError
+from layers import seed_samples
 from syncbn import convert_sync_batchnorm
 
 
@@ -252,10 +253,14 @@ def distribute(model, world, device, channels_last=False, compile=False):
     return model, torch.compile(net) if compile else net
 
 
-def seed_step(seed, step, rank):
-    """Seed torch's RNG (dropout, EncodingDrop) from (seed, step, rank): a resumed run draws the
-    same numbers as an uninterrupted one without storing RNG states."""
-    torch.manual_seed((seed * 1_000_003 + step) * 1009 + rank)
+def seed_step(seed, step, model, rank, batch):
+    """Seed the step's random draws from (seed, step) alone, so that N processes draw what one process would and a
+    resumed run what an uninterrupted one would, without storing RNG states: torch's RNG (EncodingDrop's factors,
+    the same on every process) and each sample's dropout masks (layers.SampleDropout), from its index in the
+    global batch (this process holds samples rank·batch … rank·batch + batch − 1: ShardedBatchSampler's slices)."""
+    base = (seed * 1_000_003 + step) * 1009
+    torch.manual_seed(base)
+    seed_samples(model, [base * 65_537 + rank * batch + i for i in range(batch)])
 
 
 def loader_worker_signals(worker_id):

@@ -245,6 +245,33 @@ def test_se_targets_ignore_pixels():
                                torch.zeros(1, 3))
 
 
+def test_sample_dropout_draws_each_samples_mask_from_its_own_seed():
+    x = torch.randn(4, 6, 5, 7)
+    for channelwise in (False, True):
+        drop = layers.SampleDropout(0.3, channelwise).train()
+        layers.seed_samples(drop, [11, 12, 13, 14])
+        whole = drop(x)
+        layers.seed_samples(drop, [11, 12])  # the batch split over two processes: each sample keeps its mask
+        first = drop(x[:2])
+        layers.seed_samples(drop, [13, 14])
+        assert torch.equal(torch.cat([first, drop(x[2:])]), whole)
+        kept = whole != 0
+        torch.testing.assert_close(whole[kept], x[kept] / 0.7)  # inverted dropout: kept units scaled by 1/(1 − p)
+        if channelwise:  # whole channels
+            assert torch.equal(kept.any((2, 3)), kept.all((2, 3)))
+        layers.seed_samples(drop, [11, 99, 13, 14])
+        other = drop(x)
+        assert torch.equal(other[0], whole[0]) and not torch.equal(other[1], whole[1])
+    big = layers.SampleDropout(0.3).train()
+    layers.seed_samples(big, range(8))
+    dropped = (big(torch.ones(8, 64, 32, 32)) == 0).double().mean().item()
+    assert abs(dropped - 0.3) < 0.01  # 524,288 Bernoulli(0.3) draws: std 6e-4
+    assert torch.equal(layers.SampleDropout(0.3).eval()(x), x)
+    with pytest.raises(ValueError, match="2 seeds for a batch of 4"):
+        layers.seed_samples(drop, [1, 2])
+        drop(x)
+
+
 # ============================================================================= 2. syncbn.py: synchronized BatchNorm
 
 
@@ -3984,10 +4011,11 @@ def make_uneven_ade(root, n=8):
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    """The arguments of the multi-process runs: 4 iterations of batch 4 on make_uneven_ade's data."""
+    """The arguments of the multi-process runs: 4 iterations of batch 4 on make_uneven_ade's data, dropout on (the
+    recipe's 0.1, before both classifiers): its masks are drawn per sample, so the world size changes none."""
     root = make_uneven_ade(tmp_path_factory.mktemp("uneven_ade"))
     return ["--data", "ade20k", "--data-root", root, "--backbone", "resnet18", "--pretrained", "none",
-            "--crop-size", 32, "--base-size", 40, "--workers", 0, *TINY, "--max-iters", 4, "--dropout", 0, "--aux"]
+            "--crop-size", 32, "--base-size", 40, "--workers", 0, *TINY, "--max-iters", 4, "--aux"]
 
 
 @pytest.fixture(scope="module")
@@ -4714,7 +4742,7 @@ def test_import_graph_points_down_and_imports_are_at_the_top():
     tier_of = {name: i for i, names in enumerate(tiers) for name in names}
     assert set(tier_of) | {"test_all", "conftest"} == {f[:-3] for f in os.listdir(HERE) if f.endswith(".py")}
     allowed = {"layers": set(), "syncbn": set(), "errors": set(), "cv_resize": set(), "deploy": set(), "encnet": {"layers"},
-               "run": {"errors", "syncbn"}}
+               "run": {"errors", "layers", "syncbn"}}
     for name, tier in tier_of.items():
         tree = ast.parse(Path(HERE, f"{name}.py").read_text())
         imported = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}

@@ -148,7 +148,7 @@ def train(args):
                          device=device, checkpoint_path=checkpoint_path, checkpoint=checkpoint_state,
                          model=model) as book:
         for it, (images, labels) in run.batches(train_set, sampler, plan, start, args.workers, device):
-            run.seed_step(args.seed, it, rank)  # EncodingDrop's draws depend only on (seed, iteration, rank)
+            run.seed_step(args.seed, it, model, rank, len(labels))  # EncodingDrop: the same for any world size
             lr = cosine_lr(optimizer, args.lr, it, plan.total_iters)
             images = transforms.normalize(images.to(device, non_blocking=True), data.CIFAR_MEAN, data.CIFAR_STD)
             labels = labels.to(device, non_blocking=True)

@@ -569,7 +569,7 @@ def train(args):
                          device=device, checkpoint_path=checkpoint_path, checkpoint=checkpoint_state,
                          model=model) as book:
         for it, (images, labels) in run.batches(train_set, sampler, plan, start, args.workers, device):
-            run.seed_step(args.seed, it, rank)  # dropout's draws depend only on (seed, iteration, rank)
+            run.seed_step(args.seed, it, model, rank, len(labels))  # dropout: the same masks for any world size
             lr = poly_lr(optimizer, args.lr, it, horizon, args.min_lr)
             images = transforms.normalize(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
             loss, terms, grad_norm = train_step(net, optimizer, images, labels.to(device, non_blocking=True), args,
