@@ -19,6 +19,9 @@ machine. Sections (--only NAME runs one):
     photo         eval.py --images on a 4000×3000 photo: peak memory and time against a photo at model scale
     cpu_bf16      evaluation of the built-in data in float32 vs bf16 autocast + channels_last: time, mIoU
     export        the exported ONNX file in onnxruntime vs eager PyTorch on the CPU
+    memory        one training step's peak memory (fresh processes, peak RSS above baseline) beside mmsegmentation
+                  1.2.2's own EncNet at 512² and the paper's 480², batch 2, and our step's time with and without
+                  its savings (bench_memory.py)
     gpu           on a GPU, when one is present: EncNet-ResNet50 training step in fp32 / bf16 / +channels_last /
                   +compile (images/s, memory, MFU), Encoding layer eager vs compiled
     gpu_vs_mmseg  on a GPU: training side by side with mmsegmentation 1.2.2's own EncNet (from its wheel)
@@ -51,6 +54,7 @@ import syncbn
 import train_seg
 import zoo
 from bench_inference import bench_coco, bench_cpu_bf16, bench_data, bench_eval, bench_export, bench_photo, bench_resize
+from bench_memory import bench_memory
 from measure import cpu_model, device_peak, peak_bytes, profile_table, timeit, timeit_alternating
 from mmseg_peer import CACHE, MmsegEncNet, load_mmseg, mmseg_files, mmseg_step
 
@@ -515,7 +519,7 @@ def side_by_side(device, size, batch, width, head_width, mmseg_folder, block, re
 SECTIONS = {"encoding": bench_encoding, "models": bench_models, "data": bench_data, "syncbn": bench_syncbn,
             "train": bench_train, "cifar": bench_cifar, "coco": bench_coco, "resize": bench_resize, "gpu": bench_gpu,
             "gpu_vs_mmseg": bench_gpu_vs_mmseg, "eval": bench_eval, "photo": bench_photo,
-            "cpu_bf16": bench_cpu_bf16, "export": bench_export}
+            "cpu_bf16": bench_cpu_bf16, "export": bench_export, "memory": bench_memory}
 
 
 def print_results(results, indent=2):

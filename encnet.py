@@ -4,23 +4,84 @@
     FCN               backbone + FCN head: the paper's baseline
     EncNet            backbone + Context Encoding Module + SE-losses on stages 3 and 4
     seg_loss          per-pixel CE + α·BCE SE-losses + auxiliary CE, one function for both models
+    Upsampled, upsampled_cross_entropy   the training output's logits and their CE at full resolution, in bands
+    memory_saving     the training step's memory savings on (default) or off: the same numbers, to rounding
     model_from_args   FCN or EncNet from a dict of train_seg.py's arguments (a checkpoint's 'args')
     build_cifar       the four 14-layer networks of Table 6
 
 Needs only torch and layers.py: copy the two files. The published EncNets differ from the paper's model
 in a few switches, all constructor options here whose defaults are the paper's (align_corners,
 stage3_encoding, dropout2d, residual_gate, the 'resnet50s' and 'resnet50v1c' stems); zoo.py reads their files.
+
+Memory of a training step: about half of plain autograd's, same numbers to float rounding, no slower (EncNet-R50,
+mmsegmentation's, 512², batch 2, fp32: 2.1 GiB, plain 4.0, mmsegmentation 4.4): the loss upsamples in bands
+(`Upsampled`, 1.5 GiB less), BatchNorm → ReLU → conv keeps one tensor (`bn_relu_conv`, 0.4 GiB less).
 """
+import contextlib
+import dataclasses
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils._pytree
+import torch.utils.checkpoint
 
-from layers import Encoding, EncodingDrop, EncModule, encoded_semantics, se_targets, semantic_encoder
+from layers import EncModule, Encoding, EncodingDrop, SampleDropout, encoded_semantics, se_targets, semantic_encoder
 
 # ----------------------------------------------------------------------------- dilated ResNet
 
+class _BatchNormReLUConv(torch.autograd.Function):
+    """conv(relu(BatchNorm(x))) given the batch's mean and biased variance, keeping only x (autograd: the ReLU's
+    output too). Backward recomputes that by the same kernels, bit for bit, then the conv's and BatchNorm's own."""
+
+    @staticmethod
+    def forward(ctx, x, bn_weight, bn_bias, mean, var, eps, conv_weight, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, bn_weight, bn_bias, mean, var, conv_weight)
+        ctx.conv, ctx.eps = (stride, padding, dilation, groups), eps
+        return F.conv2d(_bn_relu(x, bn_weight, bn_bias, mean, var, eps), conv_weight, None, *ctx.conv)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, bn_weight, bn_bias, mean, var, conv_weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        need = ctx.needs_input_grad
+        y = _bn_relu(x, bn_weight, bn_bias, mean, var, ctx.eps)
+        grad_y, grad_conv, _ = torch.ops.aten.convolution_backward(
+            grad_out, y, conv_weight, None, stride, padding, dilation, False, [0] * len(stride), groups,
+            [any(need[:3]), need[6], False])
+        grad_x = grad_w = grad_b = None
+        if grad_y is not None:
+            grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+                torch.ops.aten.threshold_backward(grad_y, y, 0), x, bn_weight, None, None, mean,
+                torch.rsqrt(var + ctx.eps), True, ctx.eps, list(need[:3]))
+        return grad_x, grad_w, grad_b, None, None, None, grad_conv, None, None, None, None
+
+
+def _bn_relu(x, weight, bias, mean, var, eps):  # BatchNorm's normalisation with given statistics, ReLU
+    return torch.relu_(F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps))
+
+
+def bn_relu_conv(bn, relu, conv, x, recompute=True):
+    """conv(relu(bn(x))). Training nn.BatchNorm2d, float32/64, no autocast, `recompute`: by _BatchNormReLUConv
+    (one tensor kept, not two; statistics and running update by BatchNorm's kernel). Else the modules."""
+    if not (recompute and bn.training and torch.is_grad_enabled() and type(bn) is nn.BatchNorm2d and bn.affine
+            and bn.track_running_stats and type(conv) is nn.Conv2d and conv.bias is None
+            and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple) and x.dim() == 4
+            and x.dtype in (torch.float32, torch.float64) and x.numel() > x.shape[1]
+            and not torch.is_autocast_enabled(x.device.type)):
+        return conv(relu(bn(x)))
+    bn.num_batches_tracked.add_(1)  # nn.BatchNorm2d.forward in training mode
+    factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    with torch.no_grad():
+        mean, var = torch.ops.aten.batch_norm_update_stats(x, bn.running_mean, bn.running_var, factor)
+    return _BatchNormReLUConv.apply(x, bn.weight, bn.bias, mean, var, bn.eps, conv.weight, conv.stride,
+                                    conv.padding, conv.dilation, conv.groups)
+
+
 class BasicBlock(nn.Module):
     expansion = 1
+    recompute_bn_relu = True  # see bn_relu_conv
 
     def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
         super().__init__()
@@ -33,12 +94,13 @@ class BasicBlock(nn.Module):
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + identity)
+        out = bn_relu_conv(self.bn1, self.relu, self.conv2, self.conv1(x), self.recompute_bn_relu)
+        return self.relu(self.bn2(out) + identity)
 
 
 class Bottleneck(nn.Module):
     expansion = 4
+    recompute_bn_relu = True  # see bn_relu_conv: the step keeps conv1's and conv2's outputs, not the ReLUs'
 
     def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
         super().__init__()
@@ -54,9 +116,9 @@ class Bottleneck(nn.Module):
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        return self.relu(self.bn3(self.conv3(out)) + identity)
+        out = bn_relu_conv(self.bn1, self.relu, self.conv2, self.conv1(x), self.recompute_bn_relu)
+        out = bn_relu_conv(self.bn2, self.relu, self.conv3, out, self.recompute_bn_relu)
+        return self.relu(self.bn3(out) + identity)
 
 
 ARCHITECTURES = {  # name: (block, blocks per stage, deep-stem width at width 64; None = torchvision's 7×7 stem)
@@ -121,13 +183,45 @@ class ResNet(nn.Module):
         layers += [block(self.inplanes, planes, 1, dilation) for _ in range(1, num_blocks)]
         return nn.Sequential(*layers)
 
+    checkpoint_stages = ()  # stages (1–4) recomputed in backward (torch.utils.checkpoint) instead of kept
+    recompute_bn_relu = True  # the deep stem's BN → ReLU → conv pairs: see bn_relu_conv
+
     def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        if isinstance(self.conv1, nn.Sequential):  # deep stem: conv, BN, ReLU, conv, BN, ReLU, conv
+            x = bn_relu_conv(*self.conv1[1:4], self.conv1[0](x), self.recompute_bn_relu)
+            x = bn_relu_conv(*self.conv1[4:7], x, self.recompute_bn_relu)
+        else:
+            x = self.conv1(x)
+        x = self.maxpool(self.relu(self.bn1(x)))
         features = []
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = stage(x)
+        for number, stage in enumerate((self.layer1, self.layer2, self.layer3, self.layer4), 1):
+            if number in self.checkpoint_stages and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False, context_fn=lambda s=stage: (
+                    contextlib.nullcontext(), batchnorm_statistics_kept(s)))
+            else:
+                x = stage(x)
             features.append(x)
         return features
+
+
+@contextlib.contextmanager
+def batchnorm_statistics_kept(module):
+    """Its BatchNorms update copies of their running estimates, thrown away after: a recomputed training forward
+    (checkpointing) must not count the batch twice. Outputs and saved tensors are unchanged."""
+    kept = [(m, [getattr(m, n) for n in _STATS]) for m in module.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+    for m, buffers in kept:
+        for n, t in zip(_STATS, buffers):
+            setattr(m, n, t.clone())
+    try:
+        yield
+    finally:
+        for m, buffers in kept:
+            for n, t in zip(_STATS, buffers):
+                setattr(m, n, t)
+
+
+_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def resnet(name, width=64):
@@ -148,8 +242,9 @@ def conv_bn_relu(cin, cout, kernel):
 
 def dropout_layer(p, channelwise):
     """Dropout before a classifier: of single activations (paper, released code) or of whole
-    channels (nn.Dropout2d, mmsegmentation). Identity in eval mode either way."""
-    return nn.Dropout2d(p) if channelwise else nn.Dropout(p)
+    channels (as nn.Dropout2d, mmsegmentation), masks drawn per sample (layers.SampleDropout).
+    Identity in eval mode either way."""
+    return SampleDropout(p, channelwise)
 
 
 def fcn_head(cin, width, num_classes, dropout, dropout2d=False):
@@ -162,12 +257,20 @@ def upsample(logits, size, align_corners):  # B×K×h×w → B×K×H×W, bilinea
     return F.interpolate(logits, size, mode="bilinear", align_corners=align_corners)
 
 
+def training_logits(model, logits, size):  # `Upsampled` (model.upsample_in_loss), else the upsampled tensor
+    if model.upsample_in_loss:
+        return Upsampled(logits, tuple(size), model.align_corners)
+    return upsample(logits, size, model.align_corners)
+
+
 class FCN(nn.Module):
     """Dilated FCN (the paper's baseline): backbone → FCN head on stage 4 → bilinear ×8.
 
-    Training forward → {'seg': B×K×H×W logits[, 'aux': logits of the stage-3 head]};
-    eval forward → B×K×H×W logits at the input's resolution. align_corners and dropout2d as in EncNet.
+    Training forward → {'seg': B×K×H×W logits[, 'aux': logits of the stage-3 head]}, each an `Upsampled`
+    (see EncNet); eval forward → B×K×H×W logits at the input's resolution. align_corners and dropout2d as in
+    EncNet.
     """
+    upsample_in_loss = True  # see EncNet
 
     def __init__(self, num_classes, backbone="resnet50", dropout=0.1, aux=False, head_width=512, width=64,
                  align_corners=False, dropout2d=False):
@@ -181,12 +284,12 @@ class FCN(nn.Module):
     def forward(self, images):
         size = images.shape[-2:]
         _, _, c3, c4 = self.backbone(images)
-        logits = upsample(self.head(c4), size, self.align_corners)
+        logits = self.head(c4)
         if not self.training:
-            return logits
-        out = {"seg": logits}
+            return upsample(logits, size, self.align_corners)
+        out = {"seg": training_logits(self, logits, size)}
         if self.aux_head is not None:
-            out["aux"] = upsample(self.aux_head(c3), size, self.align_corners)
+            out["aux"] = training_logits(self, self.aux_head(c3), size)
         return out
 
 
@@ -219,7 +322,10 @@ class EncNet(nn.Module):
 
     Training forward → {'seg': logits, 'se': [stage-4 SE logits(, stage-3 SE logits)], 'aux': …};
     eval forward → B×K×H×W logits at the input's resolution (the SE branches are skipped).
+    The training logits ('seg', 'aux') come as `Upsampled` (seg_loss upsamples them band by band: 2 × 150 × 512²
+    floats, 315 MB, never exist), or as tensors with `upsample_in_loss = False`.
     """
+    upsample_in_loss = True
 
     def __init__(self, num_classes, backbone="resnet50", num_codes=32, se_loss=True, aux=False, lateral=False,
                  residual_gate=False, dropout=0.1, head_width=512, width=64, stage3_encoding=True,
@@ -247,17 +353,139 @@ class EncNet(nn.Module):
         if self.lateral is not None:
             x = self.fusion(torch.cat([x, self.lateral[0](c2), self.lateral[1](c3)], 1))
         x, se_logits = self.enc_module(x)
-        logits = upsample(self.classifier(x), size, self.align_corners)
+        logits = self.classifier(x)
         if not self.training:
-            return logits
-        out = {"seg": logits}
+            return upsample(logits, size, self.align_corners)
+        out = {"seg": training_logits(self, logits, size)}
         if se_logits is not None:
             out["se"] = [se_logits]
             if self.stage3_encoding is not None:
                 out["se"].append(self.stage3_encoding(c3))
         if self.aux_head is not None:
-            out["aux"] = upsample(self.aux_head(c3), size, self.align_corners)
+            out["aux"] = training_logits(self, self.aux_head(c3), size)
         return out
+
+
+# ----------------------------------------------------------------------------- full-resolution logits, in bands
+
+@dataclasses.dataclass(eq=False)
+class Upsampled:
+    """B×K×H×W logits not computed: upsample(source B×K×h×w, output_size, align_corners), FCN/EncNet's training
+    'seg'/'aux' (seg_loss takes their CE in bands). .shape, .size(), .dtype… without computing it; torch functions,
+    methods and operators compute it (`materialize()`). A dataclass and pytree node: DDP finds its tensor."""
+    source: torch.Tensor
+    output_size: tuple
+    align_corners: bool
+
+    def materialize(self):
+        return upsample(self.source, self.output_size, self.align_corners)
+
+    shape = property(lambda self: torch.Size((*self.source.shape[:-2], *self.output_size)))
+    ndim = property(lambda self: self.source.dim())
+    dtype = property(lambda self: self.source.dtype)
+    device = property(lambda self: self.source.device)
+    requires_grad = property(lambda self: self.source.requires_grad)
+    size = lambda self, dim=None: self.shape if dim is None else self.shape[dim]  # noqa: E731
+    dim = lambda self: self.source.dim()  # noqa: E731
+    __len__ = lambda self: self.shape[0]  # noqa: E731
+
+    def __getattr__(self, name):  # any other tensor attribute: the full-resolution tensor's
+        if name.startswith("__") or name in ("source", "output_size", "align_corners"):
+            raise AttributeError(name)  # (copy and pickle probing an instance under construction)
+        return getattr(self.materialize(), name)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        real = lambda x: (x.materialize() if isinstance(x, Upsampled) else type(x)(map(real, x))
+                          if isinstance(x, (list, tuple)) else {k: real(v) for k, v in x.items()}
+                          if isinstance(x, dict) else x)
+        return func(*real(args), **real(kwargs or {}))
+
+    __hash__ = object.__hash__
+
+
+for _name in ("add", "radd", "sub", "rsub", "mul", "rmul", "truediv", "rtruediv", "pow", "neg", "abs", "matmul",
+              "getitem", "iter", "eq", "ne", "lt", "le", "gt", "ge", "array"):
+    setattr(Upsampled, f"__{_name}__", lambda self, *args, _n=f"__{_name}__": getattr(self.materialize(), _n)(*args))
+with contextlib.suppress(ValueError):  # (ValueError: this file imported twice)
+    torch.utils._pytree.register_pytree_node(Upsampled, lambda u: ([u.source], (u.output_size, u.align_corners)),
+                                             lambda s, c: Upsampled(s[0], *c), serialized_type_name="encnet.Upsampled")
+
+
+def interpolation_matrix(in_size, out_size, align_corners):
+    """out_size × in_size float64 matrix of F.interpolate's bilinear resampling along one axis (out = A · in):
+    that of the identity, the other axis keeping its size (weights exactly 1 and 0 there)."""
+    eye = torch.eye(in_size, dtype=torch.float64)[None, None]
+    return F.interpolate(eye, (out_size, in_size), mode="bilinear", align_corners=align_corners)[0, 0]
+
+
+BAND_ELEMENTS = {"cpu": 2 ** 20}  # logits a band: 4 MiB in a CPU's cache (2.5× the plain CE's speed at 512², K = 150)
+BAND_ELEMENTS_ELSEWHERE = 2 ** 25  # GPUs: 128 MiB, a few dozen launches a batch
+
+
+class _UpsampledCrossEntropy(torch.autograd.Function):
+    """Per image Σ CE(upsample(logits), labels) over labelled pixels, by bands of rows of A_rows · logits · A_colsᵀ
+    (interpolation_matrix, two non-zeros a row). Backward recomputes each band: softmax − one-hot, times the
+    gradient and label mask, through both matrices transposed (the exact adjoint). Keeps only its inputs."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, output_size, align_corners, band_elements):
+        b, k, h, w = logits.shape
+        height, width = output_size
+        rows = interpolation_matrix(h, height, align_corners)
+        step = max(1, band_elements // (b * k * width))
+        ctx.bands = []  # (r0, r1, c0, c1): output rows r0:r1 read source rows c0:c1
+        for r0 in range(0, height, step):
+            used = rows[r0:r0 + step].ne(0).any(0).nonzero()
+            ctx.bands.append((r0, min(height, r0 + step), int(used[0]), int(used[-1]) + 1))
+        rows, cols_t = rows.to(logits), interpolation_matrix(w, width, align_corners).t().to(logits)
+        ctx.save_for_backward(logits, labels, rows, cols_t)
+        per_image = logits.new_zeros(b)
+        with torch.autocast(logits.device.type, enabled=False):
+            for r0, r1, c0, c1 in ctx.bands:
+                band = rows[r0:r1, c0:c1] @ logits[:, :, c0:c1] @ cols_t  # B×K×R×W
+                per_image += F.cross_entropy(band, labels[:, r0:r1], ignore_index=-1, reduction="none").sum((1, 2))
+        return per_image
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_per_image):  # B
+        logits, labels, rows, cols_t = ctx.saved_tensors
+        grad_logits = torch.zeros_like(logits)
+        with torch.autocast(logits.device.type, enabled=False):
+            for r0, r1, c0, c1 in ctx.bands:
+                a = rows[r0:r1, c0:c1]
+                grad = torch.softmax(a @ logits[:, :, c0:c1] @ cols_t, 1)
+                target = labels[:, None, r0:r1]  # B×1×R×W
+                grad.scatter_add_(1, target.clamp_min(0), grad.new_full((1, 1, 1, 1), -1.0).expand_as(target))
+                grad.mul_((target != -1) * grad_per_image[:, None, None, None])
+                grad_logits[:, :, c0:c1] += a.t() @ (grad @ cols_t.t())
+        return grad_logits, None, None, None, None
+
+
+def float32_at_least(x):
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def upsampled_cross_entropy(logits, labels, output_size, align_corners=False, band_elements=None):
+    """F.cross_entropy(upsample(logits), labels, ignore_index=−1, reduction='none') summed per image → B, to
+    rounding, in bands (BAND_ELEMENTS) without B×K×H×W tensors, for one more upsampling; float32 (or float64)."""
+    if tuple(labels.shape[-2:]) != tuple(output_size) or labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"labels {tuple(labels.shape)} do not fit logits of {logits.shape[0]} images upsampled to "
+                         f"{tuple(output_size)}")
+    band_elements = band_elements or BAND_ELEMENTS.get(logits.device.type, BAND_ELEMENTS_ELSEWHERE)
+    return _UpsampledCrossEntropy.apply(float32_at_least(logits), labels, tuple(output_size), align_corners,
+                                        band_elements)
+
+
+def memory_saving(model, enabled=True):
+    """The step's memory savings on (default) or off (the plain step) in `model` → model: `upsample_in_loss`
+    (FCN/EncNet), `recompute_bn_relu` (ResNet and blocks)."""
+    for m in model.modules():
+        name = "upsample_in_loss" if isinstance(m, (FCN, EncNet)) else "recompute_bn_relu"
+        if hasattr(m, name):
+            setattr(m, name, enabled)
+    return model
 
 
 def seg_loss(outputs, labels, num_classes, se_weight=0.2, aux_weight=0.2, num_pixels=None):
@@ -268,20 +496,26 @@ def seg_loss(outputs, labels, num_classes, se_weight=0.2, aux_weight=0.2, num_pi
     default this batch's labelled pixels (PyTorch's ignore_index mean). Recipes differ here: mmsegmentation
     divides by all pixels, ignored ones included, the released code by the labelled pixels of each GPU's
     share; a distributed run passes what makes the processes' average the global one (train_seg.loss_divisors).
+    In float32 (float64 stays float64); `Upsampled` logits band by band (upsampled_cross_entropy).
     Returns (loss, {'seg': …, 'se': …, 'aux': …}) with the unweighted terms, detached.
     """
     if num_pixels is None:
         num_pixels = (labels != -1).sum().clamp_min(1)
 
     def pixel_ce(logits):  # B×K×H×W logits → Σ_images (Σ_pixels CE) / num_pixels
-        per_image = F.cross_entropy(logits.float(), labels, ignore_index=-1, reduction="none").flatten(1).sum(1)
+        if isinstance(logits, Upsampled):  # the model's training output: the same sums, band by band
+            per_image = upsampled_cross_entropy(logits.source, labels, logits.output_size, logits.align_corners)
+        else:
+            per_image = F.cross_entropy(float32_at_least(logits), labels, ignore_index=-1,
+                                        reduction="none").flatten(1).sum(1)
         return (per_image / num_pixels).sum()
 
     terms = {"seg": pixel_ce(outputs["seg"])}
     loss = terms["seg"]
     if "se" in outputs:
         targets = se_targets(labels, num_classes)
-        terms["se"] = sum(F.binary_cross_entropy_with_logits(s.float(), targets) for s in outputs["se"])
+        terms["se"] = sum(F.binary_cross_entropy_with_logits(float32_at_least(s), targets.to(float32_at_least(s)))
+                          for s in outputs["se"])
         loss = loss + se_weight * terms["se"]
     if "aux" in outputs:
         terms["aux"] = pixel_ce(outputs["aux"])
