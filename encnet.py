@@ -62,11 +62,15 @@ def _bn_relu(x, weight, bias, mean, var, eps):  # BatchNorm's normalisation with
     return torch.relu_(F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps))
 
 
+RECOMPUTE_MIN_ELEMENTS = 1 << 20  # smaller maps save little memory and the recompute's overhead would dominate
+
+
 def bn_relu_conv(bn, relu, conv, x, recompute=True):
-    """conv(relu(bn(x))). Training nn.BatchNorm2d, float32/64, no autocast, `recompute`: by _BatchNormReLUConv
-    (one tensor kept, not two; statistics and running update by BatchNorm's kernel). Else the modules."""
-    if not (recompute and bn.training and torch.is_grad_enabled() and type(bn) is nn.BatchNorm2d and bn.affine
-            and bn.track_running_stats and type(conv) is nn.Conv2d and conv.bias is None
+    """conv(relu(bn(x))) by _BatchNormReLUConv (one tensor kept, not two; statistics by BatchNorm's kernel) in training
+    (nn.BatchNorm2d, float32/64, no autocast, `recompute`, x of ≥ RECOMPUTE_MIN_ELEMENTS); else by the modules."""
+    if not (recompute and x.numel() >= RECOMPUTE_MIN_ELEMENTS and bn.training and torch.is_grad_enabled()
+            and type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats and type(conv) is nn.Conv2d
+            and conv.bias is None
             and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple) and x.dim() == 4
             and x.dtype in (torch.float32, torch.float64) and x.numel() > x.shape[1]
             and not torch.is_autocast_enabled(x.device.type)):
@@ -419,8 +423,10 @@ def interpolation_matrix(in_size, out_size, align_corners):
     return F.interpolate(eye, (out_size, in_size), mode="bilinear", align_corners=align_corners)[0, 0]
 
 
-BAND_ELEMENTS = {"cpu": 2 ** 20}  # logits a band: 4 MiB in a CPU's cache (2.5× the plain CE's speed at 512², K = 150)
-BAND_ELEMENTS_ELSEWHERE = 2 ** 25  # GPUs: 128 MiB, a few dozen launches a batch
+# Logits a band. CPU: 32 MiB; smaller bands are faster on an idle CPU (4 MiB: 2.5× the plain CE's speed at 512²,
+# K = 150), but their many small ops stall on a busy one. GPUs: 128 MiB, a few dozen kernel launches a batch.
+BAND_ELEMENTS = {"cpu": 2 ** 23}
+BAND_ELEMENTS_ELSEWHERE = 2 ** 25
 
 
 class _UpsampledCrossEntropy(torch.autograd.Function):
@@ -440,25 +446,23 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
             ctx.bands.append((r0, min(height, r0 + step), int(used[0]), int(used[-1]) + 1))
         rows, cols_t = rows.to(logits), interpolation_matrix(w, width, align_corners).t().to(logits)
         ctx.save_for_backward(logits, labels, rows, cols_t)
-        per_image = logits.new_zeros(b)
         with torch.autocast(logits.device.type, enabled=False):
-            for r0, r1, c0, c1 in ctx.bands:
-                band = rows[r0:r1, c0:c1] @ logits[:, :, c0:c1] @ cols_t  # B×K×R×W
-                per_image += F.cross_entropy(band, labels[:, r0:r1], ignore_index=-1, reduction="none").sum((1, 2))
-        return per_image
+            return torch.cat([F.cross_entropy(rows[r0:r1, c0:c1] @ logits[:, :, c0:c1] @ cols_t, labels[:, r0:r1],
+                                              ignore_index=-1, reduction="none") for r0, r1, c0, c1 in ctx.bands],
+                             1).sum((1, 2))  # the bands B×K×R×W, their per-pixel CE B×R×W
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_per_image):  # B
         logits, labels, rows, cols_t = ctx.saved_tensors
         grad_logits = torch.zeros_like(logits)
+        weight = ((labels != -1) * grad_per_image[:, None, None])[:, None]  # B×1×H×W: ∂L/∂CE of each pixel
+        target = labels.clamp_min(0)[:, None]
         with torch.autocast(logits.device.type, enabled=False):
             for r0, r1, c0, c1 in ctx.bands:
-                a = rows[r0:r1, c0:c1]
-                grad = torch.softmax(a @ logits[:, :, c0:c1] @ cols_t, 1)
-                target = labels[:, None, r0:r1]  # B×1×R×W
-                grad.scatter_add_(1, target.clamp_min(0), grad.new_full((1, 1, 1, 1), -1.0).expand_as(target))
-                grad.mul_((target != -1) * grad_per_image[:, None, None, None])
+                a, w = rows[r0:r1, c0:c1], weight[:, :, r0:r1]
+                grad = torch.softmax(a @ logits[:, :, c0:c1] @ cols_t, 1).mul_(w)  # (softmax − one-hot)·weight
+                grad.scatter_add_(1, target[:, :, r0:r1], -w)
                 grad_logits[:, :, c0:c1] += a.t() @ (grad @ cols_t.t())
         return grad_logits, None, None, None, None
 
