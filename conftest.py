@@ -385,7 +385,10 @@ def direct_repo_predict(model, image, crop_size, base_size, scales=(1.0,), flip=
 
 
 @pytest.fixture(autouse=True)
-def recompute_every_bn_relu(monkeypatch):
+def recompute_every_bn_relu():
     """The tests' models are tiny: below encnet.RECOMPUTE_MIN_ELEMENTS the step would take the plain path, so
-    in-process tests lower it to 0 and every BatchNorm → ReLU → conv goes through the recomputing Function."""
-    monkeypatch.setattr(encnet, "RECOMPUTE_MIN_ELEMENTS", 0)
+    in-process tests lower it to 0 and every BatchNorm → ReLU → conv goes through the recomputing Function.
+    Not by `monkeypatch`: a test's monkeypatch.undo() (to resume a run as a user would) must not undo this."""
+    saved, encnet.RECOMPUTE_MIN_ELEMENTS = encnet.RECOMPUTE_MIN_ELEMENTS, 0
+    yield
+    encnet.RECOMPUTE_MIN_ELEMENTS = saved

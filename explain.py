@@ -156,8 +156,10 @@ def assignment_brightness(weight, num_codes):
 def assignment_colours(assignments):
     """K×h×w a_ik → h×w×3 uint8: each position in its strongest codeword's colour, scaled by that weight."""
     a = assignments.double().numpy()
+    finite = np.isfinite(a).all(0)  # NaN where the model's forward overflowed: drawn black
+    a = np.where(finite, a, 0.0)
     strongest, weight = a.argmax(0), a.max(0)
-    rgb = codeword_colours(a.shape[0])[strongest] * assignment_brightness(weight, a.shape[0])[..., None]
+    rgb = codeword_colours(a.shape[0])[strongest] * (assignment_brightness(weight, a.shape[0]) * finite)[..., None]
     return np.rint(rgb).astype(np.uint8)
 
 
@@ -187,7 +189,8 @@ def _bar_row(draw, x, y, name, value, name_w, bar_w, colour=BAR, swatch=None, ma
     draw.text((x, y), _fit(name, name_w - 2), fill=INK, font=FONT)
     x += name_w
     draw.rectangle([x, y + 2, x + bar_w, y + 9], outline=FAINT)
-    draw.rectangle([x, y + 2, x + round(bar_w * float(np.clip(value, 0, 1))), y + 9], fill=colour)
+    if np.isfinite(value):  # NaN where the model's forward overflowed: no bar, the value says "nan"
+        draw.rectangle([x, y + 2, x + round(bar_w * float(np.clip(value, 0, 1))), y + 9], fill=colour)
     draw.line([x + bar_w // 2, y + 1, x + bar_w // 2, y + 10], fill=(150, 150, 150))  # the 0.5 mark
     draw.text((x + bar_w + 4, y), f"{value:.2f}", fill=INK, font=FONT)
 
@@ -243,7 +246,7 @@ def _draw_assignment(canvas, draw, x, y, assignments, size):
     canvas.paste(Image.fromarray(assignment_colours(assignments)).resize(size, Image.NEAREST), (x, y))
     box = (x, y, x + size[0], y + size[1])
     y += size[1] + 3
-    share = assignments.double().flatten(1).mean(1).numpy()  # Σ_k = 1: every position's weights sum to 1
+    share = np.nan_to_num(assignments.double().flatten(1).mean(1).numpy(), nan=0.0)  # Σ_k = 1 where finite
     edges = np.rint(np.concatenate([[0], np.cumsum(share)]) * size[0]).astype(int)
     colours = codeword_colours(K).astype(int)
     for k in range(K):

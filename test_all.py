@@ -3336,6 +3336,21 @@ def test_tensorboard_views():
                 writer.add_image(f"val/{name}/0", t, 0)
 
 
+def test_an_overflowed_forward_is_drawn_not_raised():
+    # a tiny model after two steps from scratch can overflow in eval mode (running statistics barely moved):
+    # its NaN presences and assignments are drawn as "nan" and black, so a finished run's final logging goes on
+    model, x = soft_encnet(), random_images()
+    view = explain.module_view(model, x)
+    nan = view._replace(assignments=torch.full_like(view.assignments, float("nan")),
+                        presence=torch.full_like(view.presence, float("nan")),
+                        gamma=torch.full_like(view.gamma, float("nan")))
+    out = explain.tensorboard_views(nan, EXPLAIN_CLASSES)
+    assert out["assignment"].max() == 0 and torch.isfinite(out["presence"]).all()
+    picture = explain.draw_explanation(np.zeros((32, 48, 3), np.uint8), explain.one_image(nan, 0),
+                                       EXPLAIN_CLASSES, EXPLAIN_PALETTE)
+    assert picture.size[0] > 0
+
+
 EXPLAIN_TINY = ["--width", "8", "--head-width", "16", "--batch-size", "4", "--log-every", "0"]
 
 
