@@ -4044,7 +4044,7 @@ def test_images_exif_empty_folders_and_unreadable_files(tmp_path, monkeypatch, c
 
 
 def test_images_never_replace_inputs_or_each_other(tmp_path, monkeypatch, capsys):
-    loaded = fake_zoo(monkeypatch)
+    fake_zoo(monkeypatch)
     photos = tmp_path / "photos"
     photos.mkdir()
     write_photo(photos / "alpha.png", 30, 20)
