@@ -19,6 +19,9 @@ Settings (batch 2, 150 classes, fp32, seed 0):
     paper480  the paper's ADE20K recipe (recipes.DATASET_RECIPES['ade20k']: resnet50, stage-3 encoding,
               no aux, loss over labelled pixels) at crop 480, against mmsegmentation's model at 480×480
 
+Where the memory goes (breakdown_GiB): the tensors each step keeps for backward at the end of its forward pass, by
+part (stem, stage 1–4, heads, logits and loss), beside the parameters, their gradients and SGD's momentum.
+
     python bench.py --only memory [--quick]
 """
 import gc
@@ -96,10 +99,15 @@ def our_model(setting, width, head_width, variant, weights_file=None):
     return model
 
 
+def loss_divisors(setting, labels):
+    """train_seg.loss_divisors for one process: all pixels of the batch, or its labelled pixels."""
+    loss_mean = SETTINGS[setting][4]
+    return float(labels.numel()) if loss_mean == "all" else (labels != -1).sum().float().clamp_min(1)
+
+
 def our_step_fn(setting, model, images, labels):
-    _, _, se_w, aux_w, loss_mean = SETTINGS[setting]
-    # train_seg.loss_divisors for one process: all pixels of the batch, or its labelled pixels
-    divisors = (float(labels.numel()) if loss_mean == "all" else (labels != -1).sum().float().clamp_min(1))
+    _, _, se_w, aux_w, _ = SETTINGS[setting]
+    divisors = loss_divisors(setting, labels)
 
     def step():
         out = model(images)
@@ -121,9 +129,14 @@ def mmseg_model(width, head_width, weights_out=None):
     return model
 
 
+def mmseg_samples(labels):
+    """mmsegmentation's data samples: .gt_sem_seg.data 1×H×W, 255 = ignored."""
+    return [SimpleNamespace(gt_sem_seg=SimpleNamespace(data=torch.where(label < 0, 255, label)[None]))
+            for label in labels]
+
+
 def mmseg_step_fn(model, images, labels):
-    samples = [SimpleNamespace(gt_sem_seg=SimpleNamespace(data=torch.where(label < 0, 255, label)[None]))
-               for label in labels]
+    samples = mmseg_samples(labels)
 
     def step():
         loss, _ = model.loss(images, samples)
@@ -155,8 +168,75 @@ def child(kind, setting, size, width, head_width, weights_file):
                           threads=torch.get_num_threads())), flush=True)
 
 
-def run_child(*args):
-    command = [sys.executable, os.path.abspath(__file__), "--child", *map(str, args)]
+def part_of(name):
+    """A module's qualified name → the part of the step its saved tensors count to (ours and mmsegmentation's
+    names: backbone.conv1/bn1/maxpool or backbone.stem, backbone.layerN, heads; the model's own forward (which
+    upsamples the logits in the plain step) and code outside every module (the loss) → 'logits and loss')."""
+    if name == "" or "loss" in name:
+        return "logits and loss"
+    if name.startswith("backbone.layer"):
+        return f"stage {name[len('backbone.layer')]}"
+    return "stem" if name.startswith("backbone") else "heads"
+
+
+def saved_for_backward(model, forward_and_loss):
+    """Where the memory goes: {part: GiB} of the tensors autograd keeps for backward when forward_and_loss() has
+    run (what lives at the end of the forward pass), each storage counted once, to the innermost module that
+    saved it first (part_of); parameters are not activations and are left out. Then the loss's backward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    stack, seen = [], {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params and storage.data_ptr() not in seen:
+            seen[storage.data_ptr()] = (part_of(stack[-1] if stack else ""), storage.nbytes())
+        return t
+
+    def enter(name):
+        return lambda module, args: stack.append(name)  # (a hook returning None changes nothing)
+
+    def leave(module, args, out):
+        stack.pop()
+
+    hooks = []
+    for name, module in model.named_modules():
+        hooks += [module.register_forward_pre_hook(enter(name)), module.register_forward_hook(leave)]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = forward_and_loss()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    parts = {}
+    for part, nbytes in seen.values():
+        parts[part] = parts.get(part, 0) + nbytes / 2**30
+    loss.backward()
+    size = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    return dict(sorted(parts.items()), saved_total=sum(parts.values()), parameters=size,
+                parameter_gradients=size, sgd_momentum=size)
+
+
+def breakdown_child(kind, setting, size, width, head_width):
+    """The breakdown of one step of `kind` in this (fresh) process → prints a JSON line."""
+    images, labels = batch(size)
+    if kind == "mmseg":
+        model = mmseg_model(width, head_width)
+        samples = mmseg_samples(labels)
+
+        def forward_and_loss():
+            return model.loss(images, samples)[0]
+    else:
+        model = our_model(setting, width, head_width, kind)
+        _, _, se_w, aux_w, _ = SETTINGS[setting]
+
+        def forward_and_loss():
+            return encnet.seg_loss(model(images), labels, 150, se_w, aux_w, loss_divisors(setting, labels))[0]
+    print(json.dumps(dict(kind=kind, setting=setting, size=size, **saved_for_backward(model, forward_and_loss))),
+          flush=True)
+
+
+def run_child(*args, mode="--child"):
+    command = [sys.executable, os.path.abspath(__file__), mode, *map(str, args)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
@@ -191,8 +271,11 @@ def time_child(setting, size, width, head_width, repeat, variants):
 
 
 def bench_memory(quick=False, timing=True, repeat=None, variants=("ours", "ours_plain", "ours_ce_only"),
-                 time_variants=("ours", "ours_plain"), runs=1):
-    """→ {setting: {ours, ours_plain, mmseg: {peak_GiB, ...}, ratios}, 'time': {...}}.
+                 time_variants=("ours", "ours_plain"), runs=1, breakdown=True):
+    """→ {setting: {ours, ours_plain, mmseg: {peak_GiB, ...}, ratios, breakdown}, 'time': {...}}.
+
+    breakdown: where the memory goes, {part: GiB saved for backward} per step (saved_for_backward, a fresh
+    process each), mmsegmentation's and ours (ours_plain: what the savings act on).
 
     quick: the same code paths on a small model (width 16, 128×128) for a test; else ResNet-50 at 512² and 480².
     runs: fresh processes per measurement (its median is reported; the allocator's state varies by ±3 %)."""
@@ -218,6 +301,11 @@ def bench_memory(quick=False, timing=True, repeat=None, variants=("ours", "ours_
             if "ours" in entry and "ours_plain" in entry:
                 entry["ratio_ours_vs_plain"] = (entry["ours"]["peak_above_baseline_GiB"]
                                                 / entry["ours_plain"]["peak_above_baseline_GiB"])
+            if breakdown:
+                entry["breakdown_GiB"] = {}
+                for kind in ("mmseg", "ours_plain", "ours"):
+                    found = run_child(kind, setting, size, width, head_width, mode="--breakdown-child")
+                    entry["breakdown_GiB"][kind] = {k: v for k, v in found.items() if isinstance(v, float)}
     if timing:
         result["time"] = {}
         for setting, (size, *_rest) in SETTINGS.items():
@@ -236,6 +324,9 @@ if __name__ == "__main__":  # the fresh processes of one measurement (bench.py r
     if sys.argv[1] == "--child":
         kind, setting, size, width, head_width = sys.argv[2:7]
         child(kind, setting, int(size), int(width), int(head_width), sys.argv[7] if len(sys.argv) > 7 else "")
+    elif sys.argv[1] == "--breakdown-child":
+        kind, setting, size, width, head_width = sys.argv[2:7]
+        breakdown_child(kind, setting, int(size), int(width), int(head_width))
     elif sys.argv[1] == "--time-child":
         setting, size, width, head_width, repeat, variants = sys.argv[2:8]
         time_child(setting, int(size), int(width), int(head_width), int(repeat), variants.split(","))

@@ -13,9 +13,8 @@ Needs only torch and layers.py: copy the two files. The published EncNets differ
 in a few switches, all constructor options here whose defaults are the paper's (align_corners,
 stage3_encoding, dropout2d, residual_gate, the 'resnet50s' and 'resnet50v1c' stems); zoo.py reads their files.
 
-Memory of a training step: about half of plain autograd's, same numbers to float rounding, no slower (EncNet-R50,
-mmsegmentation's, 512², batch 2, fp32: 2.1 GiB, plain 4.0, mmsegmentation 4.4): the loss upsamples in bands
-(`Upsampled`, 1.5 GiB less), BatchNorm → ReLU → conv keeps one tensor (`bn_relu_conv`, 0.4 GiB less).
+Memory of a training step, about half of plain autograd's for the same numbers (docs/performance.md): the loss
+upsamples the logits in bands (`Upsampled`), BatchNorm → ReLU → conv keeps one tensor (`bn_relu_conv`).
 """
 import contextlib
 import dataclasses
@@ -32,12 +31,14 @@ from layers import EncModule, Encoding, EncodingDrop, SampleDropout, encoded_sem
 
 class _BatchNormReLUConv(torch.autograd.Function):
     """conv(relu(BatchNorm(x))) given the batch's mean and biased variance, keeping only x (autograd: the ReLU's
-    output too). Backward recomputes that by the same kernels, bit for bit, then the conv's and BatchNorm's own."""
+    output too). Backward recomputes that by the same kernels, bit for bit, then the conv's and BatchNorm's own
+    (bn_backward: SyncBatchNorm's, whose statistics span the processes; None: the local batch's)."""
 
     @staticmethod
-    def forward(ctx, x, bn_weight, bn_bias, mean, var, eps, conv_weight, stride, padding, dilation, groups):
+    def forward(ctx, x, bn_weight, bn_bias, mean, var, eps, bn_backward, conv_weight, stride, padding, dilation,
+                groups):
         ctx.save_for_backward(x, bn_weight, bn_bias, mean, var, conv_weight)
-        ctx.conv, ctx.eps = (stride, padding, dilation, groups), eps
+        ctx.conv, ctx.eps, ctx.bn_backward = (stride, padding, dilation, groups), eps, bn_backward
         return F.conv2d(_bn_relu(x, bn_weight, bn_bias, mean, var, eps), conv_weight, None, *ctx.conv)
 
     @staticmethod
@@ -49,13 +50,14 @@ class _BatchNormReLUConv(torch.autograd.Function):
         y = _bn_relu(x, bn_weight, bn_bias, mean, var, ctx.eps)
         grad_y, grad_conv, _ = torch.ops.aten.convolution_backward(
             grad_out, y, conv_weight, None, stride, padding, dilation, False, [0] * len(stride), groups,
-            [any(need[:3]), need[6], False])
+            [any(need[:3]), need[7], False])
         grad_x = grad_w = grad_b = None
         if grad_y is not None:
-            grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-                torch.ops.aten.threshold_backward(grad_y, y, 0), x, bn_weight, None, None, mean,
-                torch.rsqrt(var + ctx.eps), True, ctx.eps, list(need[:3]))
-        return grad_x, grad_w, grad_b, None, None, None, grad_conv, None, None, None, None
+            grad_y = torch.ops.aten.threshold_backward(grad_y, y, 0)
+            grad_x, grad_w, grad_b = ctx.bn_backward(grad_y, need[:3]) if ctx.bn_backward else \
+                torch.ops.aten.native_batch_norm_backward(grad_y, x, bn_weight, None, None, mean,
+                                                          torch.rsqrt(var + ctx.eps), True, ctx.eps, list(need[:3]))
+        return grad_x, grad_w, grad_b, None, None, None, None, grad_conv, None, None, None, None
 
 
 def _bn_relu(x, weight, bias, mean, var, eps):  # BatchNorm's normalisation with given statistics, ReLU
@@ -67,19 +69,24 @@ RECOMPUTE_MIN_ELEMENTS = 1 << 20  # smaller maps save little memory and the reco
 
 def bn_relu_conv(bn, relu, conv, x, recompute=True):
     """conv(relu(bn(x))) by _BatchNormReLUConv (one tensor kept, not two; statistics by BatchNorm's kernel) in training
-    (nn.BatchNorm2d, float32/64, no autocast, `recompute`, x of ≥ RECOMPUTE_MIN_ELEMENTS); else by the modules."""
+    (nn.BatchNorm2d or syncbn.SyncBatchNorm, float32/64, no autocast, `recompute`, x of ≥ RECOMPUTE_MIN_ELEMENTS);
+    else by the modules. SyncBatchNorm (found by its fused_statistics: encnet does not import syncbn) lends its
+    statistics over all processes and its backward, as its own forward would use them."""
     if not (recompute and x.numel() >= RECOMPUTE_MIN_ELEMENTS and bn.training and torch.is_grad_enabled()
-            and type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats and type(conv) is nn.Conv2d
-            and conv.bias is None
+            and (type(bn) is nn.BatchNorm2d or hasattr(bn, "fused_statistics")) and bn.affine
+            and bn.track_running_stats and type(conv) is nn.Conv2d and conv.bias is None
             and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple) and x.dim() == 4
             and x.dtype in (torch.float32, torch.float64) and x.numel() > x.shape[1]
             and not torch.is_autocast_enabled(x.device.type)):
         return conv(relu(bn(x)))
-    bn.num_batches_tracked.add_(1)  # nn.BatchNorm2d.forward in training mode
-    factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
     with torch.no_grad():
-        mean, var = torch.ops.aten.batch_norm_update_stats(x, bn.running_mean, bn.running_var, factor)
-    return _BatchNormReLUConv.apply(x, bn.weight, bn.bias, mean, var, bn.eps, conv.weight, conv.stride,
+        fused = bn.fused_statistics(x) if hasattr(bn, "fused_statistics") else None  # None: not synchronised
+        if fused is None:  # nn.BatchNorm2d.forward in training mode
+            bn.num_batches_tracked.add_(1)
+            factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            fused = *torch.ops.aten.batch_norm_update_stats(x, bn.running_mean, bn.running_var, factor), None
+    mean, var, bn_backward = fused
+    return _BatchNormReLUConv.apply(x, bn.weight, bn.bias, mean, var, bn.eps, bn_backward, conv.weight, conv.stride,
                                     conv.padding, conv.dilation, conv.groups)
 
 
@@ -212,20 +219,18 @@ class ResNet(nn.Module):
 def batchnorm_statistics_kept(module):
     """Its BatchNorms update copies of their running estimates, thrown away after: a recomputed training forward
     (checkpointing) must not count the batch twice. Outputs and saved tensors are unchanged."""
-    kept = [(m, [getattr(m, n) for n in _STATS]) for m in module.modules()
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    kept = [(m, [getattr(m, n) for n in names]) for m in module.modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
     for m, buffers in kept:
-        for n, t in zip(_STATS, buffers):
+        for n, t in zip(names, buffers):
             setattr(m, n, t.clone())
     try:
         yield
     finally:
         for m, buffers in kept:
-            for n, t in zip(_STATS, buffers):
+            for n, t in zip(names, buffers):
                 setattr(m, n, t)
-
-
-_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def resnet(name, width=64):
@@ -423,8 +428,7 @@ def interpolation_matrix(in_size, out_size, align_corners):
     return F.interpolate(eye, (out_size, in_size), mode="bilinear", align_corners=align_corners)[0, 0]
 
 
-# Logits a band. CPU: 32 MiB; smaller bands are faster on an idle CPU (4 MiB: 2.5× the plain CE's speed at 512²,
-# K = 150), but their many small ops stall on a busy one. GPUs: 128 MiB, a few dozen kernel launches a batch.
+# Logits a band: 32 MiB on CPUs (smaller bands' many small ops stall on a busy CPU), 128 MiB on GPUs (few launches).
 BAND_ELEMENTS = {"cpu": 2 ** 23}
 BAND_ELEMENTS_ELSEWHERE = 2 ** 25
 
@@ -592,8 +596,7 @@ class PreActBlock(nn.Module):
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.shortcut = (nn.Conv2d(cin, cout, 1, stride, bias=False)
-                         if stride != 1 or cin != cout else None)
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
         self.gate = gate
 
     def forward(self, x):
@@ -630,12 +633,8 @@ class CifarNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-CIFAR_MODELS = {  # name: (stage-1 width, gate); Table 6 parameter counts 2.7M, 2.8M, 3.5M, 16.8M
-    "resnet64d": (64, None),
-    "se_resnet64d": (64, "se"),
-    "encnet16k64d": (64, 16),
-    "encnet32k128d": (128, 32),
-}
+CIFAR_MODELS = {"resnet64d": (64, None), "se_resnet64d": (64, "se"), "encnet16k64d": (64, 16),  # name: (stage-1
+                "encnet32k128d": (128, 32)}  # width, gate); Table 6's parameter counts 2.7M, 2.8M, 3.5M, 16.8M
 
 
 def build_cifar(name, encoding_drop=True):

@@ -33,34 +33,58 @@ def _per_channel(v, x):  # C → 1×C×1×…, broadcastable against x
     return v.view([1, -1] + [1] * (x.dim() - 2))
 
 
+def global_statistics(x, running_mean, running_var, momentum, group):
+    """Eq. 2 over every process's samples, one all-reduce → (mean, biased variance, count) in ≥ fp32; the running
+    estimates (when given) updated as nn.BatchNorm does, with the unbiased variance."""
+    channels = x.shape[1]
+    stat_dtype = torch.promote_types(x.dtype, torch.float32)  # statistics in ≥ fp32, also for bf16 input
+    count = x.numel() // channels
+    if count > 0:
+        var, mean = torch.var_mean(x.to(stat_dtype), dim=_channel_dims(x), correction=0)
+    else:  # an empty local batch still takes part in the collective
+        var = mean = x.new_zeros(channels, dtype=stat_dtype)
+    mean, var = mean.double(), var.double()
+    stats = torch.cat([mean.new_full((1,), count), count * mean, count * (var + mean * mean)])
+    dist.all_reduce(stats, group=group)  # the one forward collective
+    total = stats[0]
+    mean = stats[1:channels + 1] / total
+    var = (stats[channels + 1:] / total - mean * mean).clamp_min_(0)
+    if running_mean is not None:
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        unbiased = var * (total / (total - 1).clamp_min(1))
+        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    return mean.to(stat_dtype), var.to(stat_dtype), total.to(stat_dtype)
+
+
+def global_backward(grad_y, x, weight, mean, var, total, eps, group, needs=(True, True, True)):
+    """The gradients of y = BatchNorm(x) with global statistics, one all-reduce → (∂x, ∂γ, ∂β), each None unless
+    `needs` it. The elementwise passes use PyTorch's fused kernels: native_batch_norm_backward for the local sums,
+    F.batch_norm in inference form for ∂x."""
+    invstd = torch.rsqrt(var + eps)
+    # local Σ∂y·x̂ (= ∂L/∂γ on this rank) and Σ∂y (= ∂L/∂β on this rank), in one fused pass
+    _, sum_gy_xhat, sum_gy = torch.ops.aten.native_batch_norm_backward(
+        grad_y, x, weight, None, None, mean, invstd, True, eps, [False, True, True])
+    grad_x = None
+    if needs[0]:
+        sums = torch.cat([sum_gy, sum_gy_xhat]).to(mean.dtype)
+        dist.all_reduce(sums, group=group)  # the one backward collective
+        mean_gy, mean_gy_xhat = (sums / total).chunk(2)
+        scale = invstd if weight is None else weight * invstd
+        # ∂x = γ/σ · (∂y − mean(∂y) − x̂ · mean(∂y·x̂)): the x̂ terms as one affine batch-norm pass
+        grad_x = F.batch_norm(x, mean, var, -scale * mean_gy_xhat, -scale * mean_gy, training=False, eps=eps)
+        grad_x = grad_x.addcmul_(grad_y, _per_channel(scale, x).to(grad_x.dtype))
+    # Parameter gradients stay local: DistributedDataParallel averages them across ranks.
+    return grad_x, sum_gy_xhat if needs[1] else None, sum_gy if needs[2] else None
+
+
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """The elementwise passes use PyTorch's fused batch-norm kernels (on any device): F.batch_norm
-    in inference form applies given statistics, native_batch_norm_backward computes the local sums."""
+    """y = (x − μ)/√(σ² + ε)·γ + β with the global batch's μ, σ²; x kept for backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group):
-        channels = x.shape[1]
-        stat_dtype = torch.promote_types(x.dtype, torch.float32)  # statistics in ≥ fp32, also for bf16 input
-        count = x.numel() // channels
-        if count > 0:
-            var, mean = torch.var_mean(x.to(stat_dtype), dim=_channel_dims(x), correction=0)
-        else:  # an empty local batch still takes part in the collective
-            var = mean = x.new_zeros(channels, dtype=stat_dtype)
-        mean, var = mean.double(), var.double()
-        stats = torch.cat([mean.new_full((1,), count), count * mean, count * (var + mean * mean)])
-        dist.all_reduce(stats, group=group)  # the one forward collective
-        total = stats[0]
-        mean = stats[1:channels + 1] / total
-        var = (stats[channels + 1:] / total - mean * mean).clamp_min_(0)
-
-        if running_mean is not None:  # as nn.BatchNorm: unbiased variance in the running estimate
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            unbiased = var * (total / (total - 1).clamp_min(1))
-            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
-
-        mean, var = mean.to(stat_dtype), var.to(stat_dtype)
-        y = F.batch_norm(x, mean, var, weight, bias, training=False, eps=eps)  # (x − μ)/√(σ² + ε)·γ + β
-        ctx.save_for_backward(x, weight, mean, var, total.to(stat_dtype))
+        mean, var, total = global_statistics(x, running_mean, running_var, momentum, group)
+        y = F.batch_norm(x, mean, var, weight, bias, training=False, eps=eps)
+        ctx.save_for_backward(x, weight, mean, var, total)
         ctx.eps, ctx.group = eps, group  # (no .item() anywhere: a host sync per layer would stall the GPU)
         return y
 
@@ -68,24 +92,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         x, weight, mean, var, total = ctx.saved_tensors
-        invstd = torch.rsqrt(var + ctx.eps)
-        # local Σ∂y·x̂ (= ∂L/∂γ on this rank) and Σ∂y (= ∂L/∂β on this rank), in one fused pass
-        _, sum_gy_xhat, sum_gy = torch.ops.aten.native_batch_norm_backward(
-            grad_y, x, weight, None, None, mean, invstd, True, ctx.eps, [False, True, True])
-
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            sums = torch.cat([sum_gy, sum_gy_xhat]).to(mean.dtype)
-            dist.all_reduce(sums, group=ctx.group)  # the one backward collective
-            mean_gy, mean_gy_xhat = (sums / total).chunk(2)
-            scale = invstd if weight is None else weight * invstd
-            # ∂x = γ/σ · (∂y − mean(∂y) − x̂ · mean(∂y·x̂)): the x̂ terms as one affine batch-norm pass
-            grad_x = F.batch_norm(x, mean, var, -scale * mean_gy_xhat, -scale * mean_gy, training=False, eps=ctx.eps)
-            grad_x = grad_x.addcmul_(grad_y, _per_channel(scale, x).to(grad_x.dtype))
-        # Parameter gradients stay local: DistributedDataParallel averages them across ranks.
-        grad_weight = sum_gy_xhat if ctx.needs_input_grad[1] else None
-        grad_bias = sum_gy if ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+        grads = global_backward(grad_y, x, weight, mean, var, total, ctx.eps, ctx.group, ctx.needs_input_grad[:3])
+        return *grads, None, None, None, None, None
 
 
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -114,16 +122,32 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if not (use_batch_stats and self._synchronised()):
             return super().forward(x)  # exactly nn.BatchNorm, no collective
 
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average, as nn.BatchNorm
-                momentum = 1.0 / self.num_batches_tracked.item()
-        track = self.training and self.track_running_stats
-        return _SyncBatchNormFunction.apply(
-            x, self.weight, self.bias,
-            self.running_mean if track else None, self.running_var if track else None,
-            self.eps, momentum, self.process_group)
+        momentum, running_mean, running_var = self._running_update()
+        return _SyncBatchNormFunction.apply(x, self.weight, self.bias, running_mean, running_var, self.eps, momentum,
+                                            self.process_group)
+
+    def _running_update(self):
+        """→ (momentum, running_mean, running_var) for this training forward (the buffers None if untracked)."""
+        if not (self.training and self.track_running_stats):
+            return 0.0, None, None
+        self.num_batches_tracked.add_(1)
+        # momentum None: cumulative moving average, as nn.BatchNorm
+        momentum = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
+        return momentum, self.running_mean, self.running_var
+
+    def fused_statistics(self, x):
+        """For a caller that fuses this BatchNorm into its own Function (encnet.bn_relu_conv) in a training forward:
+        → (mean, biased variance, backward), what forward would normalise x with (over all processes where
+        synchronised), the running estimates updated as forward updates them; backward(grad_y, needs) → (∂x, ∂γ,
+        ∂β) as forward's backward computes them (None: the caller's own local BatchNorm backward will do)."""
+        if not self._synchronised():
+            return None
+        momentum, running_mean, running_var = self._running_update()
+        mean, var, total = global_statistics(x, running_mean, running_var, momentum, self.process_group)
+
+        def backward(grad_y, needs):
+            return global_backward(grad_y, x, self.weight, mean, var, total, self.eps, self.process_group, needs)
+        return mean, var, backward
 
 
 def convert_sync_batchnorm(module, process_group=None):

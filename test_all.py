@@ -906,8 +906,11 @@ def test_bn_relu_conv_falls_back_where_it_should():
     assert "BatchNormReLUConv" not in plain_name(encnet.bn_relu_conv(bn, torch.nn.ReLU(), conv, x))
     bn.train()
     import syncbn
-    sync = syncbn.convert_sync_batchnorm(torch.nn.Sequential(bn))[0]  # SyncBatchNorm: its own module
-    assert "BatchNormReLUConv" not in plain_name(encnet.bn_relu_conv(sync, torch.nn.ReLU(), conv, x))
+    sync = syncbn.convert_sync_batchnorm(torch.nn.Sequential(copy.deepcopy(bn)))[0]  # one process: BatchNorm's
+    out = encnet.bn_relu_conv(sync, torch.nn.ReLU(), conv, x)  # fusion (across processes: the step test below)
+    assert "BatchNormReLUConv" in plain_name(out)
+    torch.testing.assert_close(out, encnet.bn_relu_conv(bn, torch.nn.ReLU(), conv, x))
+    torch.testing.assert_close(sync.running_var, bn.running_var)
     with torch.no_grad():
         assert encnet.bn_relu_conv(bn, torch.nn.ReLU(), conv, x).grad_fn is None
 
@@ -1033,6 +1036,43 @@ def test_step_float64_equals_plain_reference(kind, divisor):
     del running
 
 
+def _syncbn_saving_worker(rank, world_size):
+    encnet.RECOMPUTE_MIN_ELEMENTS = 0  # (a spawned process: conftest's fixture does not reach it)
+    images, labels = memory_batch(torch.float64)
+    mine = slice(rank, rank + 1)  # one image per process
+    found = {}
+    for saving in (True, False):
+        model = encnet.memory_saving(syncbn.convert_sync_batchnorm(memory_model("mmseg")), saving)
+        bn_calls, collectives = [0], [0]
+        for m in model.modules():
+            if isinstance(m, syncbn.SyncBatchNorm):
+                m.register_forward_hook(lambda *a: bn_calls.__setitem__(0, bn_calls[0] + 1))
+        original = _count_all_reduce(collectives)
+        try:
+            loss, grads = step_grads(lambda m, *a: encnet.seg_loss(m(a[0]), *a[1:])[0], model, images[mine],
+                                     labels[mine], 5, 0.2, 0.4, float(labels.numel()))
+        finally:
+            dist.all_reduce = original
+        for g in [loss, *grads.values()]:
+            dist.all_reduce(g)  # the global batch's loss and gradients (DDP sums; one process would too)
+        found[saving] = loss, grads, model.state_dict(), bn_calls[0], collectives[0]
+    (loss, grads, state, calls, collectives), (loss_ref, grads_ref, state_ref, calls_ref, collectives_ref) = \
+        found[True], found[False]
+    assert calls < calls_ref  # the BatchNorms bn_relu_conv fused did not run as modules …
+    assert collectives == collectives_ref  # … yet each synchronised once forward, once backward
+    assert abs(loss - loss_ref) <= 1e-13 * abs(loss_ref) and relative_grad_error(grads, grads_ref) <= 1e-12
+    for k, v in state_ref.items():
+        if "running" in k or "num_batches" in k:
+            torch.testing.assert_close(state[k], v, rtol=1e-12, atol=1e-13, msg=k)
+
+
+@pytest.mark.slow
+def test_step_with_syncbn_fuses_batchnorm_relu_and_equals_the_plain_step():
+    # under torchrun BatchNorm is SyncBatchNorm: bn_relu_conv takes it over too (its global statistics, its one
+    # backward all-reduce), and the two processes' step equals their plain step's, loss, gradients and statistics
+    run_distributed(_syncbn_saving_worker, 2)
+
+
 @pytest.mark.parametrize("kind", ["paper", "mmseg"])
 def test_step_float32_within_rounding_of_the_plain_one(kind):
     # float32: the new step and today's (memory_saving off: F.interpolate + F.cross_entropy on the full-resolution
@@ -1153,12 +1193,44 @@ def test_export_eval_mode():
     torch.testing.assert_close(program.module()(images), model(images))
 
 
+@pytest.mark.slow
 def test_memory_saving_quick():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench_memory
     result = bench_memory.bench_memory(quick=True, timing=False)
     for setting in ("mmseg512", "paper480"):
         assert result[setting]["ratio_ours_vs_plain"] < 0.9, result[setting]
+        parts = result[setting]["breakdown_GiB"]
+        # mmsegmentation's EncHead materialises the B×N×K×C residuals; our Encoding layer does not
+        assert parts["mmseg"]["heads"] > 2 * parts["ours"]["heads"]
+
+
+def test_where_the_memory_goes():
+    # bench_memory.saved_for_backward's breakdown, part by part, against what each saving removes: the two heads'
+    # B×K×H×W log-probabilities (banded CE), and the ReLU output after each BatchNorm that bn_relu_conv takes over
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_memory
+    images, labels = bench_memory.batch(64)
+    divisors = bench_memory.loss_divisors("mmseg512", labels)
+    parts, called = {}, {}
+    for kind in ("ours", "ours_plain"):
+        model = bench_memory.our_model("mmseg512", 16, 64, kind)
+        called[kind] = {}
+        for name, bn in model.backbone.named_modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.register_forward_hook(lambda m, a, out, name=name: called[kind].update({name: out.numel()}))
+        parts[kind] = bench_memory.saved_for_backward(
+            model, lambda: encnet.seg_loss(model(images), labels, 150, 0.2, 0.4, divisors)[0])
+    logits_bytes = labels.numel() * 150 * 4  # one head's B×K×H×W float32
+    assert parts["ours_plain"]["logits and loss"] >= 2 * logits_bytes / 2**30
+    assert parts["ours"]["logits and loss"] < 0.05 * logits_bytes / 2**30
+    taken_over = set(called["ours_plain"]) - set(called["ours"])  # the BatchNorms bn_relu_conv computes itself
+    relu_bytes = sum(called["ours_plain"][name] for name in taken_over) * 4
+    backbone = ["stem", "stage 1", "stage 2", "stage 3", "stage 4"]
+    saved = sum(parts["ours_plain"][p] - parts["ours"][p] for p in backbone) * 2**30
+    channels = sum(dict(model.backbone.named_modules())[name].num_features for name in taken_over)
+    assert relu_bytes <= saved <= relu_bytes + 16 * channels  # (+ per-channel statistics the plain step keeps)
+    assert parts["ours"]["heads"] == parts["ours_plain"]["heads"] and len(taken_over) >= 2 * 16
 
 
 # ============================================================================= 5. transforms.py: augmentation, photometric distortion, normalisation
