@@ -79,6 +79,16 @@ def _check_size(size):
     return new_h, new_w
 
 
+def _check_window(window, dst_h, dst_w):
+    """(top, bottom, left, right) of the output to compute, inside it and not empty; None: all of it."""
+    if window is None:
+        return 0, dst_h, 0, dst_w
+    top, bottom, left, right = (int(v) for v in window)
+    if not (0 <= top < bottom <= dst_h and 0 <= left < right <= dst_w):
+        raise ValueError(f"window {tuple(window)} is not a non-empty part of the {dst_h}x{dst_w} output")
+    return top, bottom, left, right
+
+
 def _linear_tab(src_len, dst_len, clamp):
     """Source index and (a0, a1) 11-bit coefficients as in cv::hal::resize."""
     inv_scale = float(dst_len) / float(src_len)
@@ -122,11 +132,13 @@ def _area_2x(img, dst_h, dst_w):
     return out.astype(np.uint8)
 
 
-def resize_linear(image, size):
+def resize_linear(image, size, window=None):
     """``cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)`` for uint8.
 
     image: H x W x C (any C >= 1) or H x W uint8 array.  size: (new_h, new_w).
-    Returns a new uint8 array of shape new_h x new_w (x C).
+    window: (top, bottom, left, right) to compute only ``out[top:bottom, left:right]`` of the resized image
+    (each output pixel has its own coefficients, so a window is the same bits for less work: a training crop).
+    Returns a new uint8 array of shape new_h x new_w (x C), or the window's shape.
     """
     image = np.asarray(image)
     if image.dtype != np.uint8:
@@ -134,6 +146,7 @@ def resize_linear(image, size):
     if image.ndim not in (2, 3):
         raise ValueError(f"expected H x W or H x W x C, got shape {image.shape}")
     dst_h, dst_w = _check_size(size)
+    top, bottom, left, right = _check_window(window, dst_h, dst_w)
     squeeze = image.ndim == 2
     img = image[:, :, None] if squeeze else image
     src_h, src_w, cn = img.shape
@@ -141,17 +154,17 @@ def resize_linear(image, size):
         raise ValueError(f"empty image of shape {image.shape}")
 
     if (dst_h, dst_w) == (src_h, src_w):
-        out = img.copy()
-    elif _is_area_fast_2x(src_h, src_w, dst_h, dst_w):
-        out = _area_2x(img, dst_h, dst_w)
+        out = img[top:bottom, left:right].copy()
+    elif _is_area_fast_2x(src_h, src_w, dst_h, dst_w):  # each output pixel is its own 2×2 block
+        out = _area_2x(img[2 * top:2 * bottom, 2 * left:2 * right], bottom - top, right - left)
     else:
-        sx, a0, a1 = _linear_tab(src_w, dst_w, clamp=True)
+        sx, a0, a1 = (t[left:right] for t in _linear_tab(src_w, dst_w, clamp=True))
         sx1 = np.minimum(sx + 1, src_w - 1)
-        sy, b0, b1 = _linear_tab(src_h, dst_h, clamp=False)
+        sy, b0, b1 = (t[top:bottom] for t in _linear_tab(src_h, dst_h, clamp=False))
         r0 = np.clip(sy, 0, src_h - 1)
         r1 = np.clip(sy + 1, 0, src_h - 1)
         rows, inverse = np.unique(np.concatenate([r0, r1]), return_inverse=True)
-        i0, i1 = inverse[:dst_h], inverse[dst_h:]
+        i0, i1 = inverse[:len(sy)], inverse[len(sy):]
 
         # horizontal pass on the needed source rows only: exact int32
         src = img[rows]
@@ -177,23 +190,25 @@ def resize_linear(image, size):
     return out[:, :, 0] if squeeze else out
 
 
-def resize_nearest(label, size):
+def resize_nearest(label, size, window=None):
     """``cv2.resize(label, (new_w, new_h), interpolation=cv2.INTER_NEAREST)``.
 
     label: H x W (or H x W x C) array of any dtype (integer labels expected).
-    size: (new_h, new_w).  Returns the same dtype, shape new_h x new_w (x C).
+    size: (new_h, new_w); window: as resize_linear's.  Returns the same dtype, shape new_h x new_w (x C)
+    or the window's.
     """
     label = np.asarray(label)
     if label.ndim not in (2, 3):
         raise ValueError(f"expected H x W or H x W x C, got shape {label.shape}")
     dst_h, dst_w = _check_size(size)
+    top, bottom, left, right = _check_window(window, dst_h, dst_w)
     src_h, src_w = label.shape[:2]
     if src_h == 0 or src_w == 0:
         raise ValueError(f"empty label map of shape {label.shape}")
     if (dst_h, dst_w) == (src_h, src_w):
-        return label.copy()
+        return label[top:bottom, left:right].copy()
     ifx = 1.0 / (float(dst_w) / float(src_w))
     ify = 1.0 / (float(dst_h) / float(src_h))
-    sx = np.minimum(np.floor(np.arange(dst_w, dtype=np.float64) * ifx).astype(np.int64), src_w - 1)
-    sy = np.minimum(np.floor(np.arange(dst_h, dtype=np.float64) * ify).astype(np.int64), src_h - 1)
+    sx = np.minimum(np.floor(np.arange(left, right, dtype=np.float64) * ifx).astype(np.int64), src_w - 1)
+    sy = np.minimum(np.floor(np.arange(top, bottom, dtype=np.float64) * ify).astype(np.int64), src_h - 1)
     return label[sy[:, None], sx[None, :]]

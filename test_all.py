@@ -619,6 +619,26 @@ def test_cv_resize_nearest_is_opencvs_nearest_not_nearest_exact():
     assert not np.array_equal(ours, exact)
 
 
+def test_cv_resize_windows_are_the_same_bits_as_cv2():
+    # window=(top, bottom, left, right): that part of cv2.resize's output, computed alone (a training crop's part
+    # of a resized image), on each path: bilinear up and down, OpenCV's exact-2× area path, the same size, nearest
+    rng = np.random.default_rng(9)
+    for (sh, sw), (dh, dw) in [((37, 53), (91, 120)), ((90, 64), (31, 40)), ((40, 60), (20, 30)), ((25, 33), (25, 33)),
+                               ((17, 1), (40, 3))]:
+        img = _smooth_image(rng, sh, sw, 3)
+        lab = rng.integers(0, 151, (sh, sw)).astype(np.uint8)
+        full, full_label = _cv2_linear(img, dh, dw), cv2.resize(lab, (dw, dh), interpolation=cv2.INTER_NEAREST)
+        for _ in range(6):
+            top, left = int(rng.integers(0, dh)), int(rng.integers(0, dw))
+            bottom, right = int(rng.integers(top + 1, dh + 1)), int(rng.integers(left + 1, dw + 1))
+            window = (top, bottom, left, right)
+            _assert_same(cv_resize.resize_linear(img, (dh, dw), window), full[top:bottom, left:right])
+            _assert_same(cv_resize.resize_nearest(lab, (dh, dw), window), full_label[top:bottom, left:right])
+    for bad in [(0, 0, 0, 5), (0, 5, 3, 2), (-1, 4, 0, 4), (0, 92, 0, 4)]:
+        with pytest.raises(ValueError, match="window"):
+            cv_resize.resize_linear(img, (91, 120), bad)
+
+
 def test_cv_resize_imports_no_opencv():
     import ast
     import inspect
@@ -1313,6 +1333,45 @@ def test_scale_rules_blur_and_padding_colour_of_the_recipes():
     assert (np.asarray(out)[35:, 45:] == (124, 116, 104)).all() and (np.asarray(out_label)[35:, 45:] == 255).all()
     assert (transforms.normalize(torch.tensor(transforms.PAD_COLOURS["mean"], dtype=torch.uint8).view(1, 3, 1, 1)).abs()
             < 0.5 / 57).all()
+
+
+def test_box_rule_is_mmsegmentations_resize_flip_crop_bit_for_bit(monkeypatch):
+    # RandomResize (cv2.resize of the whole image, labels nearest) → flip → pad → crop, written with cv2 on the
+    # same draws, equals augment_train's crop, which resizes only the crop's window (transforms.resized_window);
+    # with a rotation, the window gives what the whole resized image gives
+    rng = np.random.default_rng(4)
+    pixels = _smooth_image(rng, 47, 61, 3)
+    raw = rng.integers(0, 5, (47, 61)).astype(np.uint8)
+    image, label = Image.fromarray(pixels), Image.fromarray(raw)
+    options = dict(scale_rule="box", scale_box=(80, 40), max_rotation=0)
+    for seed in range(12):
+        crop_h, crop_w = (32, 48) if seed % 2 else (64, 24)  # crops inside, and crops padded at the bottom
+        out, out_label = transforms.augment_train(image, label, np.random.default_rng(seed), (crop_h, crop_w), 0,
+                                                  **options)
+        r = np.random.default_rng(seed)
+        flip, ratio = r.random() < 0.5, r.uniform(0.5, 2.0)
+        r.uniform(0, 0)  # the rotation's draw
+        factor = min(int(80 * ratio) / 61, int(40 * ratio) / 47)
+        sw, sh = int(61 * factor + 0.5), int(47 * factor + 0.5)
+        ref = cv2.resize(pixels, (sw, sh), interpolation=cv2.INTER_LINEAR)
+        ref_label = cv2.resize(raw, (sw, sh), interpolation=cv2.INTER_NEAREST)
+        if flip:
+            ref, ref_label = ref[:, ::-1], ref_label[:, ::-1]
+        pad = ((0, max(crop_h - sh, 0)), (0, max(crop_w - sw, 0)))
+        ref, ref_label = np.pad(ref, pad + ((0, 0),)), np.pad(ref_label, pad, constant_values=255)
+        x1 = int(r.integers(0, max(sw, crop_w) - crop_w, endpoint=True))
+        y1 = int(r.integers(0, max(sh, crop_h) - crop_h, endpoint=True))
+        assert np.array_equal(np.asarray(out), ref[y1:y1 + crop_h, x1:x1 + crop_w]), seed
+        assert np.array_equal(np.asarray(out_label), ref_label[y1:y1 + crop_h, x1:x1 + crop_w]), seed
+    windowed = [transforms.augment_train(image, label, np.random.default_rng(seed), 40, 0, scale_rule="box",
+                                         scale_box=(80, 40), max_rotation=30) for seed in range(6)]
+    monkeypatch.setattr(transforms, "resized_window", lambda pixels, size, matrix, crop: (
+        Image.fromarray(cv_resize.resize_linear(pixels, size)), matrix))  # the whole resized image
+    for seed, (out, out_label) in enumerate(windowed):
+        whole, whole_label = transforms.augment_train(image, label, np.random.default_rng(seed), 40, 0,
+                                                      scale_rule="box", scale_box=(80, 40), max_rotation=30)
+        assert np.array_equal(np.asarray(out), np.asarray(whole)) and np.array_equal(np.asarray(out_label),
+                                                                                     np.asarray(whole_label))
 
 
 def test_jpeg_draft_keeps_the_geometry(tmp_path):

@@ -81,8 +81,9 @@ def augment_train(image, label, rng, crop_size, base_size, scale_range=(0.5, 2.0
         factor = min(box_long / max(w, h), box_short / min(w, h))
         sw, sh = int(w * factor + 0.5), int(h * factor + 0.5)
         # mmcv resizes the whole image with OpenCV (bilinear; labels nearest) before cropping: done here bit for
-        # bit, so that the warp below only flips and crops (integer translations: exact copies of pixels)
-        image = Image.fromarray(cv_resize.resize_linear(np.asarray(image.convert("RGB")), (sh, sw)))
+        # bit, so that the warp below only flips and crops (integer translations: exact copies of pixels). The
+        # label is resized whole (crops are chosen on it), the image only where the chosen crop reads it (below)
+        pixels = np.asarray(image.convert("RGB"))
         label = Image.fromarray(cv_resize.resize_nearest(np.asarray(label), (sh, sw)))
         w, h = sw, sh
     else:
@@ -121,9 +122,12 @@ def augment_train(image, label, rng, crop_size, base_size, scale_range=(0.5, 2.0
                 break
             matrix, out_label = random_crop()
 
-    reduced = image.draft(None, (sw, sh))  # JPEG only, before decoding: (mode, box of the original in it)
-    factor = w / reduced[1][2] if reduced else 1.0
-    image_matrix = np.diag([1 / factor, 1 / factor, 1.0]) @ matrix
+    if scale_rule == "box":
+        image, image_matrix = resized_window(pixels, (sh, sw), matrix, size)
+    else:
+        reduced = image.draft(None, (sw, sh))  # JPEG only, before decoding: (mode, box of the original in it)
+        factor = w / reduced[1][2] if reduced else 1.0
+        image_matrix = np.diag([1 / factor, 1 / factor, 1.0]) @ matrix
     out = image.convert("RGB").transform(size, Image.Transform.AFFINE, tuple(image_matrix[:2].ravel()),
                                          Image.Resampling.BILINEAR, fillcolor=image_fill)
     if photometric:
@@ -136,6 +140,21 @@ def augment_train(image, label, rng, crop_size, base_size, scale_range=(0.5, 2.0
     if blur and rng.random() < 0.5:
         out = out.filter(ImageFilter.GaussianBlur(radius=rng.random()))
     return out, out_label
+
+
+def resized_window(pixels, size, matrix, crop_wh):
+    """The part of cv_resize.resize_linear(pixels, size) that an affine warp of `matrix` (output → input, the
+    resized image's coordinates) into a crop of crop_wh samples, 2 pixels wider on each side than its taps reach,
+    → (PIL image of it, the matrix into it). The same crop as from the whole resized image, for less work."""
+    crop_w, crop_h = crop_wh
+    xs, ys, _ = matrix @ np.array([[0, crop_w, 0, crop_w], [0, 0, crop_h, crop_h], [1, 1, 1, 1]], float)
+
+    def span(v, n):  # [first, last) of the n pixels, covering v's range and the taps, never empty
+        first = min(max(math.floor(v.min()) - 2, 0), n - 1)
+        return first, max(min(math.ceil(v.max()) + 2, n), first + 1)
+    (top, bottom), (left, right) = span(ys, size[0]), span(xs, size[1])
+    shift = np.array([[1, 0, -left], [0, 1, -top], [0, 0, 1]], float)
+    return Image.fromarray(cv_resize.resize_linear(pixels, size, (top, bottom, left, right))), shift @ matrix
 
 
 # Padding colours of training crops: black (the released code pads the image with 0 before normalising) or the
