@@ -2720,6 +2720,31 @@ def test_zoo_hash_mismatch_keeps_nothing(hub, tmp_path, monkeypatch):
     assert list(hub.iterdir()) == []
 
 
+def test_zoo_download_onto_a_full_or_read_only_disk_is_one_line(tmp_path, monkeypatch, full_disk, read_only):
+    # torch.hub's cache on a full disk, then on a read-only one: a WriteError naming the cause and the file,
+    # nothing half-written left in the cache; the network is not blamed
+    payload = tmp_path / "served" / "encnet_r50_x_20200101_000000-deadbeef.pth"
+    payload.parent.mkdir()
+    payload.write_bytes(os.urandom(300_000))
+    monkeypatch.setattr(zoo, "MMSEG_URL", payload.parent.as_uri() + "/{config}_{stamp}.pth")
+    monkeypatch.setitem(zoo.MMSEG_FILES, "mmseg_x", ("encnet_r50_x", "20200101_000000-deadbeef"))
+    disk, cause, fill = full_disk
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(disk / "hub"))
+    (disk / "hub" / "checkpoints").mkdir(parents=True)
+    with fill(), pytest.raises(errors.WriteError) as error:
+        zoo.load_model("mmseg_x")
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(cause) and "cannot download" not in message
+    assert f"{disk}/hub/checkpoints/{payload.name} (torch.hub's cache)" in message and "TORCH_HOME" in message
+    assert list((disk / "hub" / "checkpoints").iterdir()) == []
+    try:
+        (read_only / "probe").touch()  # where mounting is not allowed the fixture's folder is writable here
+    except OSError:
+        monkeypatch.setattr(torch.hub, "get_dir", lambda: str(read_only / "hub"))
+        with pytest.raises(errors.WriteError, match="read-only file system .* while writing .*torch.hub's cache"):
+            zoo.load_model("mmseg_x")
+
+
 def test_zoo_name_offline(hub, monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(errors.DownloadError) as error:

@@ -29,7 +29,7 @@ import encnet
 import layouts
 import protocols
 import recipes
-from errors import CheckpointError, DownloadError
+from errors import CheckpointError, DownloadError, write_failure, writing
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -135,13 +135,24 @@ def fetch(url, filename, check=None):
                                 f"{check[1]}: the file is damaged or not the published one; delete it or replace it "
                                 f"with the file from {url}")
         return path
-    os.makedirs(folder, exist_ok=True)
     download = f"{path}.{os.getpid()}.download"  # process-private names: ranks may download at once
     unpacked = f"{path}.{os.getpid()}.unpacked"
+    # a full disk, a read-only cache: one line, nothing half-written left (the finally below removes it)
+    with writing(path, f"{path} (torch.hub's cache)", partial=False,
+                 intact="nothing else was changed; free space there, or set TORCH_HOME to a folder with room"):
+        os.makedirs(folder, exist_ok=True)
+        _fetch_into(url, filename, path, check, download, unpacked)
+    return path
+
+
+def _fetch_into(url, filename, path, check, download, unpacked):
+    """fetch's download, unpacking and check through the two temporary files, then the move into `path`."""
     try:
         try:
             torch.hub.download_url_to_file(url, download)
-        except OSError as e:  # URLError, HTTPError, timeouts: all OSErrors
+        except OSError as e:  # URLError, HTTPError, timeouts: all OSErrors; a full disk is not the network's
+            if write_failure(e, download):
+                raise
             unzipped = " (unzipped)" if url.endswith(".zip") else ""
             raise DownloadError(f"cannot download {url} ({getattr(e, 'reason', e)}); a copy of {filename}{unzipped} "
                                 f"put at {path} is used instead") from None
@@ -166,7 +177,6 @@ def fetch(url, filename, check=None):
         for leftover in (download, unpacked):
             if os.path.exists(leftover):
                 os.remove(leftover)
-    return path
 
 
 # ----------------------------------------------------------------------------- ImageNet weights of the backbones
