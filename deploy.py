@@ -1,4 +1,4 @@
-"""Run an exported EncNet without this repo's torch code: NumPy + onnxruntime, the default protocol 'repo' single-scale.
+"""Run an exported EncNet without this repo's torch code: NumPy + onnxruntime, protocol 'repo' or 'mmseg' single-scale.
 
     python eval.py --checkpoint runs/seg/checkpoint.pth --export encnet.onnx   # once, with this repo
     python deploy.py encnet.onnx photo.jpg more.jpg --out predictions/         # anywhere: numpy, pillow, onnxruntime
@@ -18,11 +18,15 @@ fraction of the pixels only. The prediction is the test-time procedure of the fi
      (bottom, right) up to crop_size where smaller, and crop-sized windows at stride int(2/3·crop_size), the last
      row and column shifted back to end at the border, go through the model; logits averaged where they overlap
   4. the logits resized to the photo's size (bilinear, align_corners=False); softmax; the class is the argmax
-It equals `eval.py --images` (protocols.segment) for a model whose own protocol is 'repo' (the metadata's
-'model_protocol'; for the others `eval.py --protocol repo`), up to float rounding: onnxruntime's kernels are not
-PyTorch's, so a pixel whose two best classes are within ~1e-5 of each other may differ.
+Protocol 'mmseg' (mmsegmentation's single-scale test, the default of its models and recipes) instead:
+  1. the uint8 image resized into the metadata's mmseg_box (long, short) keeping its ratio, with OpenCV's
+     bilinear, bit for bit (cv_resize.py); 2. normalised; 3. one forward of it whole; 4. as above.
+Each model runs its own protocol (the metadata's 'model_protocol', eval.py's default) where it is one of these
+two, else 'repo' (said). It equals `eval.py --images` (protocols.segment) with that protocol, up to float rounding:
+onnxruntime's kernels are not PyTorch's, so a pixel whose two best classes are within ~1e-5 of each other may
+differ.
 
-Imports numpy, PIL and onnxruntime only (not torch, nothing of this repo): copy this file beside the .onnx file.
+Imports numpy, PIL, onnxruntime and cv_resize.py (NumPy) only, not torch: copy the two files beside the .onnx file.
 """
 import argparse
 import json
@@ -31,6 +35,10 @@ import os
 import numpy as np
 import onnxruntime
 from PIL import Image, ImageOps
+
+import cv_resize
+
+PROTOCOLS = ("repo", "mmseg")  # the test-time procedures run here
 
 
 def source_index(out_size, in_size):
@@ -67,8 +75,9 @@ def softmax(logits):
 class Model:
     """An exported EncNet (eval.py --export FILE.onnx) in onnxruntime, with its test-time procedure.
 
-    classes, palette, crop_size, base_size, window_stride, mean, std: from the file's metadata;
-    model_protocol: the protocol eval.py uses by default for this model ('repo': the one run here)."""
+    classes, palette, crop_size, base_size, window_stride, mean, std, mmseg_box (None where the dataset has no
+    mmsegmentation setting): from the file's metadata; model_protocol: the protocol eval.py uses by default for this
+    model; protocol: the one segment runs by default, model_protocol where it is one of PROTOCOLS, else 'repo'."""
 
     def __init__(self, path, providers=None):
         self.session = onnxruntime.InferenceSession(path, providers=providers or onnxruntime.get_available_providers())
@@ -81,6 +90,8 @@ class Model:
         self.std = np.asarray(json.loads(meta["std"]), np.float32) * np.float32(255)
         self.classes, self.palette = json.loads(meta["classes"]), json.loads(meta["palette"])
         self.model_protocol = meta.get("model_protocol", "repo")
+        self.mmseg_box = tuple(json.loads(meta["mmseg_box"])) if "mmseg_box" in meta else None
+        self.protocol = self.model_protocol if self.model_protocol in PROTOCOLS else "repo"
         self.input = self.session.get_inputs()[0].name
 
     def forward(self, images):
@@ -120,13 +131,29 @@ class Model:
                 count[:, y:y + crop, x:x + crop] += 1
         return (total / count)[:, :h, :w]
 
-    def segment(self, image, scores=False, band_bytes=64 << 20):
-        """H×W×3 uint8 RGB (a PIL image too) → H×W int64 class indices (steps 1–4). The logits are brought to the
-        photo's size a band of rows at a time (K × band × W floats: band_bytes), and the class is their argmax
-        (softmax keeps the order). scores=True: (classes, K×H×W softmax probabilities), for small images."""
-        image = np.asarray(image)
+    def mmseg_logits(self, image):
+        """H×W×3 uint8 → K×h×w logits of protocol 'mmseg' (its steps 1–3), h×w the size within the box."""
+        if self.mmseg_box is None:
+            raise ValueError("protocol 'mmseg': this file's metadata has no mmseg_box (mmsegmentation has no test "
+                             "setting for its dataset)")
+        (height, width), (long_side, short_side) = image.shape[:2], self.mmseg_box
+        factor = min(long_side / max(height, width), short_side / min(height, width))
+        size = (int(height * factor + 0.5), int(width * factor + 0.5))
+        resized = image if size == (height, width) else cv_resize.resize_linear(image, size)
+        return self.forward(self.normalise(resized)[None])[0]
+
+    def segment(self, image, scores=False, band_bytes=64 << 20, protocol=None):
+        """H×W×3 uint8 RGB (a PIL image too) → H×W int64 class indices (steps 1–4) by `protocol` ('repo' or 'mmseg';
+        default self.protocol). The logits are brought to the photo's size a band of rows at a time (K × band × W
+        floats: band_bytes), and the class is their argmax (softmax keeps the order). scores=True: (classes, K×H×W
+        softmax probabilities), for small images."""
+        protocol = protocol or self.protocol
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {protocol!r}: deploy.py runs {' and '.join(PROTOCOLS)}")
+        image = np.ascontiguousarray(np.asarray(image.convert("RGB") if hasattr(image, "convert") else image))
         height, width = image.shape[:2]
-        logits = self.window_logits(self.resized(self.normalise(image)))
+        logits = (self.mmseg_logits(image) if protocol == "mmseg" else
+                  self.window_logits(self.resized(self.normalise(image))))
         if scores:
             probabilities = softmax(resize(logits, (height, width)))
             return probabilities.argmax(0), probabilities
@@ -152,15 +179,21 @@ def main(argv=None):
     p.add_argument("model", help="an ONNX file of eval.py --export")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", default="predictions", help="one colour PNG per image, NAME.png, goes here")
+    p.add_argument("--protocol", choices=PROTOCOLS, help="the test-time procedure (default: the model's own, where "
+                                                          "it is one of these, else repo)")
     args = p.parse_args(argv)
     model = Model(args.model)
-    if model.model_protocol != "repo":
-        print(f"note: eval.py's default for this model is protocol {model.model_protocol!r}; this is 'repo' "
-              f"(eval.py --protocol repo)")
+    protocol = args.protocol or model.protocol
+    if protocol == "mmseg" and model.mmseg_box is None:
+        p.error(f"--protocol mmseg: {args.model} has no mmseg_box in its metadata (no mmsegmentation setting for "
+                "its dataset)")
+    if protocol != model.model_protocol:
+        print(f"note: eval.py's default for this model is protocol {model.model_protocol!r}; this is {protocol!r} "
+              f"(eval.py --protocol {protocol})")
     palette = np.asarray(model.palette, np.uint8)
     os.makedirs(args.out, exist_ok=True)
     for path in args.images:
-        classes = model.segment(read_photo(path))
+        classes = model.segment(read_photo(path), protocol=protocol)
         out = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0] + ".png")
         Image.fromarray(palette[classes]).save(out)
         print(f"{path} → {out}")

@@ -362,7 +362,8 @@ def run_eval(args):
         explain_figure(model, info, args.checkpoint, args.explain_figure)
         return
     if args.export:
-        export.export(model, info, args.export, model_protocol=protocols.default_protocol(info))
+        export.export(model, info, args.export, model_protocol=protocols.default_protocol(info),
+                      mmseg_box=protocols.MMSEG_TEST_BOX.get(info["dataset"]))
         print(f"{args.checkpoint} → {args.export} ({len(info['classes'])} classes; the input's normalisation, "
               "classes, palette and test-time procedure in its metadata"
               + ("; deploy.py runs it with onnxruntime)" if args.export.endswith(".onnx") else ")"))

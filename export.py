@@ -22,13 +22,20 @@ from errors import UserError
 from transforms import MEAN, STD
 
 
-def export_metadata(info, model_protocol="repo"):
+def export_metadata(info, model_protocol="repo", mmseg_box=None):
     """What a runtime needs besides the graph (plain strings): the input's convention, classes, palette, sizes, and
     the test-time procedure of protocol 'repo' single-scale (protocols.repo_views), which deploy.py follows: the
     graph alone, run on the whole photo, is not what eval.py predicts. model_protocol: the protocol eval.py uses for
-    this model by default (protocols.default_protocol), recorded as such."""
+    this model by default (protocols.default_protocol), recorded as such. mmseg_box: (long, short) of protocol
+    'mmseg' for the model's dataset (protocols.MMSEG_TEST_BOX), where it has one: its procedure too."""
     crop, base = info["crop_size"], info["base_size"]
-    return {"encnet_input": "B×3×H×W float32, RGB in [0, 1] normalised by mean and std (ImageNet), any H, W ≥ 32",
+    mmseg = {} if mmseg_box is None else {
+        "mmseg_box": json.dumps(list(mmseg_box)),
+        "mmseg_procedure": f"protocol 'mmseg', single scale: the uint8 image resized into the {mmseg_box[0]}x"
+                           f"{mmseg_box[1]} box keeping its ratio (each side int(side * factor + 0.5)) with OpenCV's "
+                           "bilinear (cv2.resize INTER_LINEAR), normalised, one forward of it whole, the logits "
+                           "resized to the image's size (bilinear, align_corners=False), softmax; deploy.py runs it"}
+    return {**mmseg, "encnet_input": "B×3×H×W float32, RGB in [0, 1] normalised by mean and std (ImageNet), any H, W ≥ 32",
             "encnet_output": "B×K×H×W float32 logits; the class of a pixel is the argmax over K",
             "mean": json.dumps(MEAN), "std": json.dumps(STD), "classes": json.dumps(info["classes"]),
             "palette": json.dumps(info["palette"]), "dataset": str(info["dataset"]), "source": str(info["source"]),
@@ -66,7 +73,7 @@ def quiet_exporter():
         registration.setLevel(level)
 
 
-def export(model, info, path, example_size=(256, 256), model_protocol="repo"):
+def export(model, info, path, example_size=(256, 256), model_protocol="repo", mmseg_box=None):
     """The eval-mode model as a graph for runtimes without this code: path ending in .onnx → ONNX (opset 18,
     torch.onnx's dynamo exporter; needs the optional packages onnx and onnxscript), .pt2 → a torch.export
     program (torch.export.load(path).module() runs it). Batch, height and width are dynamic; the metadata of
@@ -91,7 +98,7 @@ def export(model, info, path, example_size=(256, 256), model_protocol="repo"):
                 except ModuleNotFoundError as e:  # torch imports the exporter's packages only when asked to export
                     raise UserError(f"--export {path}: ONNX export needs the optional packages onnx and onnxscript "
                                     f"({e.name} is missing): pip install onnx onnxscript") from None
-                program.model.metadata_props.update(export_metadata(info, model_protocol))
+                program.model.metadata_props.update(export_metadata(info, model_protocol, mmseg_box))
             else:
                 program = torch.export.export(model, (images,), dynamic_shapes=dims)
             with errors.writing(path, f"the export {path}", "nothing of it is left; free space and export again",
@@ -101,7 +108,7 @@ def export(model, info, path, example_size=(256, 256), model_protocol="repo"):
                     program.save(partial)
                 else:  # in memory first: torch's archive writer ends the process (std::terminate, when it is freed)
                     buffer = io.BytesIO()  # after a failed write of its own; Python's write fails as an OSError
-                    metadata = json.dumps(export_metadata(info, model_protocol))
+                    metadata = json.dumps(export_metadata(info, model_protocol, mmseg_box))
                     torch.export.save(program, buffer, extra_files={"encnet.json": metadata})
                     with open(partial, "wb") as f:
                         f.write(buffer.getbuffer())

@@ -2929,6 +2929,32 @@ def test_deploy_runs_the_export_as_eval_py_segments(tmp_path):
     assert np.array_equal(colours, np.asarray(model.palette, np.uint8)[classes])
 
 
+def test_deploy_runs_mmsegmentations_protocol_as_eval_py(tmp_path, monkeypatch):
+    # a model whose own protocol is 'mmseg' (mmsegmentation's files, its recipes' checkpoints): deploy.py runs that
+    # one by default, the image resized into the metadata's box with OpenCV's bilinear, one forward whole
+    ckpt, photo = tmp_path / "model.pth", tmp_path / "photo.jpg"
+    varied_checkpoint(ckpt)
+    write_jpeg(photo, 300, 260, seed=3)
+    torch_model, info = zoo.load_model(str(ckpt))
+    monkeypatch.setitem(protocols.MMSEG_TEST_BOX, info["dataset"], (96, 48))  # small for a tiny model
+    export.export(torch_model, info, str(tmp_path / "m.onnx"), model_protocol="mmseg", mmseg_box=(96, 48))
+    model = deploy.Model(str(tmp_path / "m.onnx"))
+    assert (model.protocol, model.mmseg_box) == ("mmseg", (96, 48))
+    image = np.asarray(Image.open(photo).convert("RGB"))
+    assert model.mmseg_logits(image).shape[1:] == (48, 55)  # 260×300 into 96×48: factor 48/260
+    classes, probabilities = model.segment(image, scores=True)
+    _, reference = protocols.segment(torch_model, Image.open(photo), info, "mmseg", scores=True)
+    delta = np.abs(probabilities - reference[0].numpy()).max()
+    assert delta < 1e-5, delta  # float rounding only: the same procedure, OpenCV's resize bit for bit
+    assert np.array_equal(model.segment(image, band_bytes=4000), classes)
+    assert np.mean(model.segment(image, protocol="repo") != classes) > 0.01  # another procedure, another map
+    with pytest.raises(ValueError, match="deploy.py runs repo and mmseg"):
+        model.segment(image, protocol="mmseg-ms")
+    model.mmseg_box = None
+    with pytest.raises(ValueError, match="no mmseg_box"):
+        model.segment(image, protocol="mmseg")
+
+
 # ============================================================================= 11. protocols.py: the test-time procedures
 
 
@@ -5277,13 +5303,14 @@ def test_import_graph_points_down_and_imports_are_at_the_top():
     # each module imports only modules of an earlier tier (or its own), so there is no circle and no arrow back up:
     # the copyable bottom, the models and data pieces, the datasets and recipes, checkpoints, the run plumbing,
     # the commands, the benches
-    tiers = [{"layers", "syncbn", "errors", "cv_resize", "deploy"}, {"encnet", "transforms", "coco_masks", "context_data"},
+    tiers = [{"layers", "syncbn", "errors", "cv_resize"}, {"encnet", "transforms", "coco_masks", "context_data", "deploy"},
              {"layouts", "recipes", "protocols", "export", "explain"}, {"data", "metric"}, {"zoo"}, {"run"}, {"eval"},
              {"train_seg", "train_cifar", "hubconf"}, {"measure", "mmseg_peer"}, {"bench_inference", "bench_memory"},
              {"bench"}]
     tier_of = {name: i for i, names in enumerate(tiers) for name in names}
     assert set(tier_of) | {"test_all", "conftest"} == {f[:-3] for f in os.listdir(HERE) if f.endswith(".py")}
-    allowed = {"layers": set(), "syncbn": set(), "errors": set(), "cv_resize": set(), "deploy": set(), "encnet": {"layers"},
+    allowed = {"layers": set(), "syncbn": set(), "errors": set(), "cv_resize": set(), "deploy": {"cv_resize"},
+               "encnet": {"layers"},
                "run": {"errors", "layers", "syncbn"}}
     for name, tier in tier_of.items():
         tree = ast.parse(Path(HERE, f"{name}.py").read_text())
