@@ -343,18 +343,10 @@ def bench_resize(quick):
     figures = {"repeats": repeats, "torch_threads": torch.get_num_threads()}
     for name, (h, w), size in cases:
         img = photo_like(h, w)
-        ours = cv_resize.resize_linear(img, size)          # warm-up + reference output
-        naive = interpolate_round(img, size)
-        t_ours, t_naive = [], []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            cv_resize.resize_linear(img, size)
-            t1 = time.perf_counter()
-            interpolate_round(img, size)
-            t2 = time.perf_counter()
-            t_ours.append(t1 - t0)
-            t_naive.append(t2 - t1)
-        m_ours, m_naive = float(np.median(t_ours)), float(np.median(t_naive))
+        ours, naive = cv_resize.resize_linear(img, size), interpolate_round(img, size)
+        med = timeit_alternating({"ours": lambda: cv_resize.resize_linear(img, size),
+                                  "naive": lambda: interpolate_round(img, size)}, repeats)
+        m_ours, m_naive = med["ours"], med["naive"]
         figures[name] = {
             "cv_resize_ms": round(1e3 * m_ours, 3),
             "interpolate_ms": round(1e3 * m_naive, 3),
@@ -368,13 +360,7 @@ def bench_resize(quick):
     timed = {"window": lambda: cv_resize.resize_linear(img, size, crop),
              "whole": lambda: cv_resize.resize_linear(img, size)[crop[0]:crop[1], crop[2]:crop[3]]}
     assert np.array_equal(timed["window"](), timed["whole"]())
-    times = {k: [] for k in timed}
-    for _ in range(repeats):
-        for k, fn in timed.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    med = {k: float(np.median(v)) for k, v in times.items()}
+    med = timeit_alternating(timed, repeats)
     figures["512x683->1024x1366, a 512x512 training crop"] = {
         "window_ms": round(1e3 * med["window"], 3), "whole_then_crop_ms": round(1e3 * med["whole"], 3),
         "speedup": round(med["whole"] / med["window"], 3)}
