@@ -633,8 +633,8 @@ class CifarNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-CIFAR_MODELS = {"resnet64d": (64, None), "se_resnet64d": (64, "se"), "encnet16k64d": (64, 16),  # name: (stage-1
-                "encnet32k128d": (128, 32)}  # width, gate); Table 6's parameter counts 2.7M, 2.8M, 3.5M, 16.8M
+CIFAR_MODELS = {  # name: (stage-1 width, gate); Table 6's parameter counts 2.7M, 2.8M, 3.5M, 16.8M
+    "resnet64d": (64, None), "se_resnet64d": (64, "se"), "encnet16k64d": (64, 16), "encnet32k128d": (128, 32)}
 
 
 def build_cifar(name, encoding_drop=True):

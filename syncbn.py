@@ -18,6 +18,9 @@ carries (n, n·μ_r, n·(σ_r² + μ_r²)) in float64, where the subtraction los
 
 In eval mode, without an initialised process group, or with a single process, the module is
 exactly nn.BatchNorm{1,2,3}d and makes no collective call.
+
+The two halves are functions (global_statistics, global_backward), and SyncBatchNorm.fused_statistics lends
+them to code that fuses BatchNorm into a larger step (encnet.bn_relu_conv: BatchNorm → ReLU → conv).
 """
 import torch
 import torch.distributed as dist
@@ -136,10 +139,10 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         return momentum, self.running_mean, self.running_var
 
     def fused_statistics(self, x):
-        """For a caller that fuses this BatchNorm into its own Function (encnet.bn_relu_conv) in a training forward:
-        → (mean, biased variance, backward), what forward would normalise x with (over all processes where
-        synchronised), the running estimates updated as forward updates them; backward(grad_y, needs) → (∂x, ∂γ,
-        ∂β) as forward's backward computes them (None: the caller's own local BatchNorm backward will do)."""
+        """For a caller that fuses this BatchNorm into its own Function (encnet.bn_relu_conv) in a training forward.
+        Not synchronised → None: this module is nn.BatchNorm then, to be fused as one. Synchronised → (mean, biased
+        variance, backward): what forward would normalise x with, over all processes, the running estimates updated
+        as forward updates them; backward(grad_y, needs) → (∂x, ∂γ, ∂β) as forward's backward computes them."""
         if not self._synchronised():
             return None
         momentum, running_mean, running_var = self._running_update()
