@@ -935,6 +935,15 @@ def test_bn_relu_conv_falls_back_where_it_should():
         assert encnet.bn_relu_conv(bn, torch.nn.ReLU(), conv, x).grad_fn is None
 
 
+def test_recompute_stages_flag_trains_the_same_weights(tmp_path, capsys):
+    # train_seg.py --recompute-stages: the backbone's stages recomputed in backward (torch.utils.checkpoint, running
+    # statistics counted once) give the run of every activation kept, bit for bit
+    for name, flags in (("kept", []), ("recomputed", ["--recompute-stages", "1,2,3,4"])):
+        train_seg.main([*TINY, "--max-iters", "2", *flags, "--out", str(tmp_path / name)])
+    assert "recompute-stages 1,2,3,4" in capsys.readouterr().out
+    assert_same_weights(weights(tmp_path / "kept"), weights(tmp_path / "recomputed"))
+
+
 def test_checkpoint_stages_same_step_and_statistics_once():
     model = memory_model("mmseg")
     images, labels = memory_batch(torch.float64)
@@ -4739,6 +4748,7 @@ def test_elastic_restart_resumes_by_itself(tmp_path, two, two_process_run):
     (["--recipe", "encnet_resnet50s_ade", "--data", "pcontext", "--data-root", "{tmp}"], {},
      "--recipe encnet_resnet50s_ade trains on ade20k, not --data pcontext"),
     (["--random-scale", "box", "--data", "ade20k", "--data-root", "{tmp}"], {}, "--random-scale box needs --scale-box"),
+    (["--recompute-stages", "3,5"], {}, "--recompute-stages 3,5: backbone stages among 1, 2, 3, 4"),
 ])
 def test_bad_flags_get_one_clear_message(tmp_path, flags, env, message, monkeypatch, capsys):
     # in this process (main(argv), as the command line calls it): every case stops before any work

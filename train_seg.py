@@ -50,6 +50,17 @@ def size(text):
     return sizes[0] if len(sizes) == 1 else sizes
 
 
+def stages(text):
+    """--recompute-stages: backbone stages 1–4, e.g. 3,4 (none: keep every activation) → '3,4' or 'none'."""
+    try:
+        numbers = [] if text.lower() == "none" else [int(v) for v in text.split(",")]
+    except ValueError:
+        numbers = [0]
+    if not set(numbers) <= {1, 2, 3, 4}:
+        run.fail(f"--recompute-stages {text}: backbone stages among 1, 2, 3, 4 (e.g. 3,4), or none")
+    return ",".join(map(str, sorted(set(numbers)))) or "none"
+
+
 def get_args(argv=None):
     """The run's arguments: the command line, then --resume's checkpoint, then the recipe for what is unset;
     checked (check_args) before any work."""
@@ -136,6 +147,9 @@ def get_args(argv=None):
                                   "model's file or its name (see zoo.load_model), fresh optimizer and schedule; "
                                   "the model's architecture is the file's")
     g.add_argument("--val-every", type=int, default=0, help="quick validation every N epochs (0: only at the end)")
+    g.add_argument("--recompute-stages", type=stages, default="none",
+                   help="backbone stages recomputed in backward instead of kept (e.g. 3,4 or 1,2,3,4): the same "
+                        "numbers in less memory for more time (docs/performance.md)")
     g.add_argument("--protocol", choices=["repo", "released", "mmseg"],
                    help="the final evaluation's protocol (eval.py --protocol; single-scale for repo and mmseg)")
     # Not flags: the run's record, kept in its checkpoint's args and restored by --resume. began_from: how its
@@ -440,7 +454,7 @@ def run_recipe(args):
 
 # The settings that no recipe holds (their flags' defaults), shown after the recipe's.
 OTHER_SETTINGS = ("model", "num_codes", "se_loss", "se_weight", "dropout", "momentum", "seed", "split", "val_every",
-                  "check_train", "amp", "channels_last", "compile")
+                  "check_train", "amp", "channels_last", "compile", "recompute_stages")
 
 
 def shown(value):
@@ -541,6 +555,8 @@ def train(args):
     checkpoint_path = os.path.join(args.out, "checkpoint.pth")
     checkpoint = zoo.read_checkpoint(checkpoint_path) if args.resume else None
     model = starting_model(args, world, checkpoint, checkpoint_path, train_set.classes)
+    if args.recompute_stages != "none":  # torch.utils.checkpoint, the running statistics counted once
+        model.backbone.checkpoint_stages = tuple(int(v) for v in args.recompute_stages.split(","))
     model, net = run.distribute(model, world, device, args.channels_last, args.compile)
     optimizer = build_optimizer(model, args)
     if checkpoint is not None:
