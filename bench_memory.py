@@ -37,6 +37,7 @@ from types import SimpleNamespace
 import torch
 
 import encnet
+import train_seg
 import zoo
 from mmseg_peer import MmsegEncNet, load_mmseg, mmseg_files
 
@@ -99,19 +100,17 @@ def our_model(setting, width, head_width, variant, weights_file=None):
     return model
 
 
-def loss_divisors(setting, labels):
-    """train_seg.loss_divisors for one process: all pixels of the batch, or its labelled pixels."""
-    loss_mean = SETTINGS[setting][4]
-    return float(labels.numel()) if loss_mean == "all" else (labels != -1).sum().float().clamp_min(1)
+def our_loss_fn(setting, model, images, labels):
+    """→ fn() → the loss of one forward and seg_loss in `setting`, divided as train_seg.py divides it."""
+    _, _, se_w, aux_w, loss_mean = SETTINGS[setting]
+    divisors = train_seg.loss_divisors(labels, loss_mean, 0)
+    return lambda: encnet.seg_loss(model(images), labels, 150, se_w, aux_w, divisors)[0]
 
 
-def our_step_fn(setting, model, images, labels):
-    _, _, se_w, aux_w, _ = SETTINGS[setting]
-    divisors = loss_divisors(setting, labels)
-
+def step_fn(loss_fn):
+    """→ step(): loss_fn(), then its backward (no optimizer: the same on both sides) → the loss."""
     def step():
-        out = model(images)
-        loss, terms = encnet.seg_loss(out, labels, 150, se_w, aux_w, divisors)
+        loss = loss_fn()
         loss.backward()
         return loss.detach()
     return step
@@ -135,14 +134,10 @@ def mmseg_samples(labels):
             for label in labels]
 
 
-def mmseg_step_fn(model, images, labels):
+def mmseg_loss_fn(model, images, labels):
+    """→ fn() → mmsegmentation's loss: EncoderDecoder.loss + parse_losses."""
     samples = mmseg_samples(labels)
-
-    def step():
-        loss, _ = model.loss(images, samples)
-        loss.backward()
-        return loss.detach()
-    return step
+    return lambda: model.loss(images, samples)[0]
 
 
 def child(kind, setting, size, width, head_width, weights_file):
@@ -150,10 +145,10 @@ def child(kind, setting, size, width, head_width, weights_file):
     images, labels = batch(size)
     if kind == "mmseg":
         model = mmseg_model(width, head_width, weights_out=weights_file)
-        step = mmseg_step_fn(model, images, labels)
+        step = step_fn(mmseg_loss_fn(model, images, labels))
     else:
         model = our_model(setting, width, head_width, kind, weights_file=weights_file)
-        step = our_step_fn(setting, model, images, labels)
+        step = step_fn(our_loss_fn(setting, model, images, labels))
     gc.collect()
     ok = reset_peak()
     base = status_kib("VmRSS")
@@ -179,8 +174,8 @@ def part_of(name):
     return "stem" if name.startswith("backbone") else "heads"
 
 
-def saved_for_backward(model, forward_and_loss):
-    """Where the memory goes: {part: GiB} of the tensors autograd keeps for backward when forward_and_loss() has
+def saved_for_backward(model, loss_fn):
+    """Where the memory goes: {part: GiB} of the tensors autograd keeps for backward when loss_fn() has
     run (what lives at the end of the forward pass), each storage counted once, to the innermost module that
     saved it first (part_of); parameters are not activations and are left out. Then the loss's backward."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -203,7 +198,7 @@ def saved_for_backward(model, forward_and_loss):
         hooks += [module.register_forward_pre_hook(enter(name)), module.register_forward_hook(leave)]
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = forward_and_loss()
+            loss = loss_fn()
     finally:
         for hook in hooks:
             hook.remove()
@@ -221,18 +216,11 @@ def breakdown_child(kind, setting, size, width, head_width):
     images, labels = batch(size)
     if kind == "mmseg":
         model = mmseg_model(width, head_width)
-        samples = mmseg_samples(labels)
-
-        def forward_and_loss():
-            return model.loss(images, samples)[0]
+        loss_fn = mmseg_loss_fn(model, images, labels)
     else:
         model = our_model(setting, width, head_width, kind)
-        _, _, se_w, aux_w, _ = SETTINGS[setting]
-
-        def forward_and_loss():
-            return encnet.seg_loss(model(images), labels, 150, se_w, aux_w, loss_divisors(setting, labels))[0]
-    print(json.dumps(dict(kind=kind, setting=setting, size=size, **saved_for_backward(model, forward_and_loss))),
-          flush=True)
+        loss_fn = our_loss_fn(setting, model, images, labels)
+    print(json.dumps(dict(kind=kind, setting=setting, size=size, **saved_for_backward(model, loss_fn))), flush=True)
 
 
 def run_child(*args, mode="--child"):
@@ -252,7 +240,7 @@ def time_child(setting, size, width, head_width, repeat, variants):
     first = models[variants[0]]
     for m in models.values():
         m.load_state_dict(first.state_dict())
-    steps = {v: our_step_fn(setting, m, images, labels) for v, m in models.items()}
+    steps = {v: step_fn(our_loss_fn(setting, m, images, labels)) for v, m in models.items()}
     times = {k: [] for k in steps}
     losses = {}
     for i in range(repeat + 1):  # the first round is a warm-up
