@@ -63,7 +63,7 @@ is INTER_NEAREST (mmcv 'nearest'), not INTER_NEAREST_EXACT (pixel-centre rule).
 
 import numpy as np
 
-__all__ = ["resize_linear", "resize_nearest"]
+__all__ = ["resize_linear", "resize_nearest", "rescale_size"]
 
 INTER_RESIZE_COEF_BITS = 11
 INTER_RESIZE_COEF_SCALE = 1 << INTER_RESIZE_COEF_BITS
@@ -77,6 +77,13 @@ def _check_size(size):
     if new_h <= 0 or new_w <= 0:
         raise ValueError(f"size must be positive, got {size!r}")
     return new_h, new_w
+
+
+def rescale_size(h, w, box):
+    """The size mmcv's Resize(keep_ratio=True) hands to cv2.resize (mmcv.rescale_size): the largest within box
+    (long, short) keeping the ratio → (height, width), each side int(side·factor + 0.5)."""
+    factor = min(max(box) / max(h, w), min(box) / min(h, w))
+    return int(h * factor + 0.5), int(w * factor + 0.5)
 
 
 def _check_window(window, dst_h, dst_w):

@@ -136,10 +136,8 @@ class Model:
         if self.mmseg_box is None:
             raise ValueError("protocol 'mmseg': this file's metadata has no mmseg_box (mmsegmentation has no test "
                              "setting for its dataset)")
-        (height, width), (long_side, short_side) = image.shape[:2], self.mmseg_box
-        factor = min(long_side / max(height, width), short_side / min(height, width))
-        size = (int(height * factor + 0.5), int(width * factor + 0.5))
-        resized = image if size == (height, width) else cv_resize.resize_linear(image, size)
+        size = cv_resize.rescale_size(*image.shape[:2], self.mmseg_box)
+        resized = image if size == image.shape[:2] else cv_resize.resize_linear(image, size)
         return self.forward(self.normalise(resized)[None])[0]
 
     def segment(self, image, scores=False, band_bytes=64 << 20, protocol=None):

@@ -275,13 +275,6 @@ def predict_released(model, image, crop_size, base_size, scales=MULTI_SCALES, fl
 
 # ----------------------------------------------------------------------------- protocols 'mmseg', 'mmseg-ms'
 
-def mmseg_size(h, w, box):
-    """mmcv rescale_size for Resize(keep_ratio=True): the largest size within box (long, short) →
-    (height, width), each side int(side·factor + 0.5)."""
-    factor = min(max(box) / max(h, w), min(box) / min(h, w))
-    return int(h * factor + 0.5), int(w * factor + 0.5)
-
-
 def opencv_resize(image, size):
     """mmcv's Resize of the image that a normalised 1×3×H×W image was made from → the resized image, normalised.
 
@@ -303,7 +296,7 @@ def mmseg_views(model, image, box, ratios=(1.0,), flip=False, amp=False):
     views = []
     with torch.inference_mode(), torch.autocast(image.device.type, torch.bfloat16, enabled=amp):
         for ratio in ratios:
-            size = mmseg_size(h, w, (int(box[0] * ratio), int(box[1] * ratio)))
+            size = cv_resize.rescale_size(h, w, (int(box[0] * ratio), int(box[1] * ratio)))
             resized = image if size == (h, w) else opencv_resize(image, size)
             for mirror in (False, True) if flip else (False,):
                 logits = model(resized.flip(-1) if mirror else resized).float()

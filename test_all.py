@@ -3085,11 +3085,11 @@ def test_released_protocol_matches_a_window_by_window_computation():
 
 def test_mmseg_sizes_follow_mmcv_rescale_size():
     # ADE20K's box (2048, 512): a typical 683×512 image is left as is, a small one scaled ×2
-    assert protocols.mmseg_size(512, 683, (2048, 512)) == (512, 683)
-    assert protocols.mmseg_size(256, 341, (2048, 512)) == (512, 682)
-    assert protocols.mmseg_size(700, 300, (2048, 512)) == (1195, 512)  # the short side fills the box
-    assert protocols.mmseg_size(1024, 2048, (2048, 1024)) == (1024, 2048)  # Cityscapes: full resolution
-    assert protocols.mmseg_size(1024, 2048, (1024, 512)) == (512, 1024)  # img_ratio 0.5
+    assert cv_resize.rescale_size(512, 683, (2048, 512)) == (512, 683)
+    assert cv_resize.rescale_size(256, 341, (2048, 512)) == (512, 682)
+    assert cv_resize.rescale_size(700, 300, (2048, 512)) == (1195, 512)  # the short side fills the box
+    assert cv_resize.rescale_size(1024, 2048, (2048, 1024)) == (1024, 2048)  # Cityscapes: full resolution
+    assert cv_resize.rescale_size(1024, 2048, (1024, 512)) == (512, 1024)  # img_ratio 0.5
     assert protocols.MMSEG_TEST_BOX["ade20k"] == (2048, 512) and protocols.MMSEG_TEST_BOX["cityscapes"] == (2048, 1024)
 
 

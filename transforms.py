@@ -78,8 +78,7 @@ def augment_train(image, label, rng, crop_size, base_size, scale_range=(0.5, 2.0
     if scale_rule == "box":
         ratio = rng.uniform(*scale_range)
         box_long, box_short = int(max(scale_box) * ratio), int(min(scale_box) * ratio)
-        factor = min(box_long / max(w, h), box_short / min(w, h))
-        sw, sh = int(w * factor + 0.5), int(h * factor + 0.5)
+        sh, sw = cv_resize.rescale_size(h, w, (box_long, box_short))
         # mmcv resizes the whole image with OpenCV (bilinear; labels nearest) before cropping: done here bit for
         # bit, so that the warp below only flips and crops (integer translations: exact copies of pixels). The
         # label is resized whole (crops are chosen on it), the image only where the chosen crop reads it (below)
